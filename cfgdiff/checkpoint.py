@@ -1,0 +1,68 @@
+"""Orbax checkpoints in WORKDIR/checkpoints: atomic saves, the last few kept, resume."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that is missing, unreadable or does not match the config."""
+
+
+class Checkpointer:
+  """Saves and restores {train state, data position} pairs indexed by step.
+
+  Orbax writes each step to a temporary folder and renames it when complete, so a run
+  killed mid-save leaves the previous checkpoints intact and readable.
+  """
+
+  def __init__(self, workdir: str, keep: int = 3):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_position: dict[str, int]) -> None:
+    """Starts an (asynchronous) save; device arrays are copied before it returns."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)))
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, int]]:
+    """Restores into the structure, dtypes and shardings of ``abstract_state``.
+
+    Args:
+      abstract_state: a pytree of jax.ShapeDtypeStruct (with .sharding) like the state.
+      step: which checkpoint; the latest when None.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}; train first with "
+                            "--mode=train or point --workdir at a trained run.")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types for damaged or mismatched files.
+      raise CheckpointError(
+          f"checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
+          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). If the files are "
+          "damaged, move that step folder aside to resume from the one before; if the config "
+          "changed, use the config the run was trained with or a new --workdir.") from e
+    return restored.state, dict(restored.data)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) describing a pytree of arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,0 +1,144 @@
+"""The full set of config keys with defaults, and validation that runs before any compile.
+
+Experiment files in ``experiments/`` start from `default_config()` and override values;
+a key that is not in `default_config()` is refused, so typos fail loudly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import ml_collections
+
+SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
+DATASETS = ("fashion_mnist",)
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message names the key and what is allowed."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every config key cfgdiff reads, with CPU-scale defaults."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "fashion_mnist"
+  config.data.path = "/usr/share/datasets/fashion-mnist"
+  config.data.image_size = 28
+  config.data.channels = 1
+  config.data.num_classes = 10
+
+  config.model = ml_collections.ConfigDict()
+  config.model.ch = 64
+  config.model.ch_mult = (1, 2, 2)
+  config.model.num_res_blocks = 2
+  config.model.attn_resolutions = (7,)
+  config.model.head_channels = 64  # channels per attention head; 0 means use num_heads
+  config.model.num_heads = 4
+  config.model.dropout = 0.1
+  config.model.dtype = "float32"  # compute dtype; parameters are always float32
+
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.p_uncond = 0.2
+  config.diffusion.logsnr_min = -20.0
+  config.diffusion.logsnr_max = 20.0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 1000
+  config.train.batch_size = 64
+  config.train.microbatch_size = 0  # 0: the whole per-step batch at once
+  config.train.learning_rate = 2e-4
+  config.train.warmup_steps = 100
+  config.train.adam_b1 = 0.9
+  config.train.adam_b2 = 0.999
+  config.train.grad_clip = 1.0
+  config.train.ema_decay = 0.9999
+  config.train.checkpoint_every_steps = 500
+  config.train.keep_checkpoints = 3
+  config.train.log_every_steps = 50
+
+  # Devices: on a CPU-only host, one XLA device per core (0 = auto) is measurably
+  # faster than one device using every core (see BENCHMARKS.md).
+  config.runtime = ml_collections.ConfigDict()
+  config.runtime.cpu_devices = 0
+  return config
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def check_known_keys(config: ml_collections.ConfigDict) -> None:
+  """Refuses keys that `default_config` does not define."""
+  known = dict(_leaves(default_config()))
+  for key, _ in _leaves(config):
+    if key not in known:
+      raise ConfigError(f"unknown config key '{key}'; known keys are listed in "
+                        "cfgdiff/configs.py default_config().")
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}={value!r} is invalid: {allowed}.")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError naming the first invalid key; needs no compilation."""
+  check_known_keys(config)
+  data, model, diff, train = config.data, config.model, config.diffusion, config.train
+  _require(data.name in DATASETS, "data.name", data.name, f"must be one of {DATASETS}")
+  _require(data.num_classes >= 1, "data.num_classes", data.num_classes, "must be >= 1")
+  _require(0.0 <= diff.p_uncond <= 1.0, "diffusion.p_uncond", diff.p_uncond,
+           "must lie in [0, 1]")
+  _require(diff.logsnr_min < diff.logsnr_max, "diffusion.logsnr_min", diff.logsnr_min,
+           f"must be below diffusion.logsnr_max={diff.logsnr_max}")
+  _require(train.num_steps >= 1, "train.num_steps", train.num_steps, "must be >= 1")
+  _require(train.batch_size >= 1, "train.batch_size", train.batch_size,
+           "must be a positive integer")
+  _require(train.batch_size % num_devices == 0, "train.batch_size", train.batch_size,
+           f"must be divisible by the device count {num_devices}")
+  if train.microbatch_size:
+    _require(train.batch_size % train.microbatch_size == 0
+             and train.microbatch_size % num_devices == 0, "train.microbatch_size",
+             train.microbatch_size, f"must divide train.batch_size={train.batch_size} and be "
+             f"divisible by the device count {num_devices} (0 disables micro-batching)")
+  for key in ("checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
+    _require(train[key] >= 1, f"train.{key}", train[key], "must be >= 1")
+  _require(train.learning_rate > 0, "train.learning_rate", train.learning_rate, "must be > 0")
+  _require(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "must be >= 0")
+  _require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay,
+           "must lie in [0, 1)")
+  _require(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must lie in [0, 1)")
+  _require(model.dtype in DTYPES, "model.dtype", model.dtype, f"must be one of {DTYPES}")
+  _require(model.ch >= 1 and len(model.ch_mult) >= 1, "model.ch_mult", model.ch_mult,
+           "needs a positive model.ch and at least one level")
+  factor = 2 ** (len(model.ch_mult) - 1)
+  _require(data.image_size % factor == 0, "data.image_size", data.image_size,
+           f"the U-Net halves it {len(model.ch_mult) - 1} times (model.ch_mult="
+           f"{tuple(model.ch_mult)}), so it must be divisible by {factor}")
+  if model.head_channels:
+    for mult in model.ch_mult:
+      _require(model.ch * mult % model.head_channels == 0, "model.head_channels",
+               model.head_channels, f"must divide every level's channels {model.ch}*{mult}")
+  _require(config.runtime.cpu_devices >= 0, "runtime.cpu_devices", config.runtime.cpu_devices,
+           "must be >= 0 (0 = one device per core)")
+
+
+def auto_cpu_devices(config: ml_collections.ConfigDict, cores: int) -> int:
+  """CPU device count: runtime.cpu_devices, or the most devices <= cores that split the batch.
+
+  Splitting each (micro-)batch evenly is required, so the count is the largest
+  divisor of gcd(batch_size, microbatch_size) not above the number of cores.
+  """
+  if config.runtime.cpu_devices:
+    return config.runtime.cpu_devices
+  split = math.gcd(config.train.batch_size, config.train.microbatch_size or 0)
+  return max(d for d in range(1, max(cores, 1) + 1) if split % d == 0)

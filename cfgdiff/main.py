@@ -1,0 +1,87 @@
+"""cfgdiff command line.
+
+  python -m cfgdiff.main --config=experiments/fashion_mnist.py --workdir=DIR [--mode=train]
+      [--config.train.num_steps=2000 ...]
+
+The config is validated before JAX compiles anything; bad values exit with one line
+naming the key. On a CPU-only host each core becomes its own XLA device, which must be
+decided before JAX is imported, so this module imports JAX lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cfgdiff import configs
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cfgdiff", "jax")
+
+
+def _fail(message: str) -> None:
+  print(f"cfgdiff: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with an unknown --config.KEY reported as one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    _fail(f"unknown config key in {overrides} ({e}); known keys are in "
+          "cfgdiff/configs.py default_config().")
+  except flags.Error as e:
+    _fail(str(e))
+  return []
+
+
+def _set_cpu_devices(count: int) -> None:
+  """Asks XLA for ``count`` host devices unless the user already chose (XLA_FLAGS)."""
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in xla_flags:
+    os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={count}"
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  try:
+    configs.check_known_keys(config)
+    _set_cpu_devices(configs.auto_cpu_devices(config, os.cpu_count() or 1))
+    import jax  # pylint: disable=g-import-not-at-top
+    if _MULTIHOST.value:
+      jax.distributed.initialize()
+    jax.config.update("jax_compilation_cache_dir",
+                      os.environ.get("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    configs.validate(config, jax.device_count())
+    logging.info("JAX %s on %d %s device(s), %d process(es).", jax.__version__,
+                 jax.device_count(), jax.default_backend(), jax.process_count())
+
+    from cfgdiff import checkpoint, data, train  # pylint: disable=g-import-not-at-top
+    try:
+      if _MODE.value == "train":
+        train.train(config, _WORKDIR.value)
+    except (data.DataError, checkpoint.CheckpointError) as e:
+      _fail(str(e))
+  except configs.ConfigError as e:
+    _fail(str(e))
+
+
+def run() -> None:
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,5 @@
+"""Network definitions."""
+
+from cfgdiff.models.unet import UNet
+
+__all__ = ["UNet"]

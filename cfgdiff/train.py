@@ -1,0 +1,246 @@
+"""Joint conditional/unconditional training: state, sharded train step, and the loop.
+
+The train step is jitted once over a 1-D device mesh ('data'): the batch is split
+over devices, the state replicated. All random numbers are drawn for the global batch
+inside the step, so the result does not depend on the device count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cfgdiff import checkpoint, data, diffusion
+from cfgdiff.models import UNet
+
+Array = jnp.ndarray
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # int32 scalar: updates attempted so far
+  params: PyTree
+  ema_params: PyTree
+  opt_state: optax.OptState
+  rng: Array  # uint32 [2]: base key; step s uses fold_in(rng, s)
+  num_skipped: Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+
+
+def make_model(config: ml_collections.ConfigDict) -> UNet:
+  m = config.model
+  return UNet(num_classes=config.data.num_classes, ch=m.ch, ch_mult=tuple(m.ch_mult),
+              num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+              head_channels=m.head_channels, num_heads=m.num_heads, dropout=m.dropout,
+              dtype=jnp.dtype(m.dtype))
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with linear warm-up to a constant rate, after global-norm gradient clipping."""
+  lr = optax.linear_schedule(0.0, train_config.learning_rate, max(train_config.warmup_steps, 1))
+  return optax.chain(optax.clip_by_global_norm(train_config.grad_clip),
+                     optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2))
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  return Mesh(np.asarray(devices or jax.devices()), ("data",))
+
+
+def init_state(config: ml_collections.ConfigDict, model: UNet,
+               optimizer: optax.GradientTransformation, rng: Array) -> TrainState:
+  rng_init, rng_train = jax.random.split(rng)
+  size, channels = config.data.image_size, config.data.channels
+  params = model.init(rng_init, jnp.zeros((1, size, size, channels)), jnp.zeros((1,)),
+                      jnp.zeros((1,), jnp.int32))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params),
+                    opt_state=optimizer.init(params), rng=rng_train,
+                    num_skipped=jnp.zeros((), jnp.int32))
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: UNet,
+                    optimizer: optax.GradientTransformation,
+                    mesh: Mesh) -> Callable[[TrainState, dict[str, Array]], tuple]:
+  """Builds train_step(state, batch) -> (state, metrics) (not yet jitted).
+
+  ``batch`` holds 'image' float32 [B,H,W,C] in [-1, 1] and 'label' int32 [B].
+  With train.microbatch_size > 0 the gradient is accumulated over micro-batches
+  (same expectation, less memory, and faster on CPU where caches are small).
+  """
+  dc, tc = config.diffusion, config.train
+  num_micro = tc.batch_size // tc.microbatch_size if tc.microbatch_size else 1
+  micro_sharding = NamedSharding(mesh, P(None, "data"))
+
+  def loss_and_grad(params, noised, dropout_rng):
+    def loss_fn(p):
+      eps_pred = model.apply({"params": p}, noised["z"], noised["logsnr"], noised["label"],
+                             train=True, rngs={"dropout": dropout_rng})
+      return diffusion.eps_loss(eps_pred, noised["eps"])
+    return jax.value_and_grad(loss_fn)(params)
+
+  def accumulated_loss_and_grad(params, noised, dropout_rng):
+    if num_micro == 1:
+      return loss_and_grad(params, noised, dropout_rng)
+    split = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
+        a.reshape((num_micro, -1) + a.shape[1:]), micro_sharding), noised)
+
+    def body(carry, inputs):
+      index, micro = inputs
+      loss, grads = loss_and_grad(params, micro, jax.random.fold_in(dropout_rng, index))
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), split))
+    return jax.tree.map(lambda x: x / num_micro, (loss, grads))
+
+  def train_step(state: TrainState, batch: dict[str, Array]):
+    rng_noise, rng_dropout = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    noised = diffusion.noise_batch(
+        rng_noise, batch["image"], batch["label"], p_uncond=dc.p_uncond,
+        num_classes=config.data.num_classes, logsnr_min=dc.logsnr_min, logsnr_max=dc.logsnr_max)
+    loss, grads = accumulated_loss_and_grad(state.params, noised, rng_dropout)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = jax.tree.map(lambda e, p: tc.ema_decay * e + (1.0 - tc.ema_decay) * p,
+                              state.ema_params, params)
+    # A non-finite update is dropped whole: parameters, EMA and optimizer moments.
+    keep_if_finite = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep_if_finite(params, state.params),
+        ema_params=keep_if_finite(ema_params, state.ema_params),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
+        num_skipped=state.num_skipped + (~finite).astype(jnp.int32))
+    metrics = {"loss": jnp.where(finite, loss, 0.0), "grad_norm": grad_norm,
+               "finite": finite.astype(jnp.float32)}
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh, state_sharding: Any = None) -> Callable:
+  """Compiles with explicit shardings: state replicated, batch split on 'data', state donated."""
+  replicated = NamedSharding(mesh, P())
+  state_sharding = replicated if state_sharding is None else state_sharding
+  return jax.jit(train_step, in_shardings=(state_sharding, NamedSharding(mesh, P("data"))),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def create_state(config: ml_collections.ConfigDict, model: UNet,
+                 optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """A fresh replicated TrainState from config.seed."""
+  init = jax.jit(lambda rng: init_state(config, model, optimizer, rng),
+                 out_shardings=NamedSharding(mesh, P()))
+  return init(jax.random.PRNGKey(config.seed))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
+  """Assembles the global batch array from this process's slice of it."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local_batch.items()}
+
+
+def make_batcher(config: ml_collections.ConfigDict) -> data.ArrayBatcher:
+  images, labels = data.load_fashion_mnist(config.data.path, "train")
+  return data.ArrayBatcher(images, labels, config.train.batch_size, config.seed,
+                           jax.process_index(), jax.process_count())
+
+
+_CONFIG_FILE = "config.json"
+# Keys that must not change when a run resumes: they change what the checkpoint means.
+_FROZEN_SECTIONS = ("data", "model", "diffusion")
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes WORKDIR/config.json on the first run; refuses to resume under another model."""
+  path = os.path.join(workdir, _CONFIG_FILE)
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    for section in _FROZEN_SECTIONS:
+      for key, value in current[section].items():
+        if key != "path" and saved.get(section, {}).get(key) != value:
+          raise checkpoint.CheckpointError(
+              f"{workdir} was trained with config.{section}.{key}="
+              f"{saved.get(section, {}).get(key)!r}, not {value!r}; resume with the original "
+              "value or use a new --workdir.")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (or resumes) to config.train.num_steps, checkpointing into WORKDIR/checkpoints."""
+  from clu import metric_writers, periodic_actions  # Imports TensorFlow: keep it out of the library.
+
+  tc = config.train
+  check_resumable(config, workdir)
+  batcher = make_batcher(config)
+  mesh = make_mesh()
+  model, optimizer = make_model(config), make_optimizer(tc)
+  state = create_state(config, model, optimizer, mesh)
+  ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state, position = ckpt.restore(checkpoint.abstract_like(state))
+    if position["next_step"] != int(state.step):
+      raise checkpoint.CheckpointError(
+          f"checkpoint {ckpt.latest_step()} is inconsistent: data position "
+          f"{position['next_step']} != train step {int(state.step)}.")
+    logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+  start = int(state.step)
+
+  step_fn = jit_train_step(make_train_step(config, model, optimizer, mesh), mesh)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+  report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  logging.info("Training %d steps from step %d on %d device(s); batch %d.",
+               tc.num_steps, start, jax.device_count(), tc.batch_size)
+
+  window: list[dict[str, Array]] = []
+  window_start = time.time()
+  for step in range(start, tc.num_steps):
+    state, metrics = step_fn(state, global_batch(batcher.batch(step), mesh))
+    window.append(metrics)
+    done = step + 1
+    report(done)
+    if done % tc.log_every_steps == 0 or done == tc.num_steps:
+      summary = summarize(jax.device_get(window))
+      summary["images_per_second"] = len(window) * tc.batch_size / (time.time() - window_start)
+      summary["skipped_updates_total"] = int(state.num_skipped)
+      writer.write_scalars(done, summary)
+      window, window_start = [], time.time()
+    if done % tc.checkpoint_every_steps == 0 or done == tc.num_steps:
+      ckpt.save(done, state, {"next_step": done})
+  ckpt.wait()
+  writer.flush()
+  ckpt.close()
+  return state
+
+
+def summarize(window: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Averages step metrics over a logging window; loss over finite steps only."""
+  finite = np.array([m["finite"] for m in window])
+  losses = np.array([m["loss"] for m in window])
+  return {"loss": float(losses.sum() / max(finite.sum(), 1.0)),
+          "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
+          "skipped_updates": float(len(window) - finite.sum())}
