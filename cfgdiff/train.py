@@ -49,7 +49,9 @@ def make_model(config: ml_collections.ConfigDict) -> UNet:
 
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam with linear warm-up to a constant rate, after global-norm gradient clipping."""
-  lr = optax.linear_schedule(0.0, train_config.learning_rate, max(train_config.warmup_steps, 1))
+  lr = train_config.learning_rate
+  if train_config.warmup_steps:
+    lr = optax.linear_schedule(0.0, lr, train_config.warmup_steps)
   return optax.chain(optax.clip_by_global_norm(train_config.grad_clip),
                      optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2))
 
@@ -95,14 +97,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
       return loss_and_grad(params, noised, dropout_rng)
     split = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
         a.reshape((num_micro, -1) + a.shape[1:]), micro_sharding), noised)
-
-    def body(carry, inputs):
-      index, micro = inputs
-      loss, grads = loss_and_grad(params, micro, jax.random.fold_in(dropout_rng, index))
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(num_micro), split))
+    # Unrolled on purpose: XLA:CPU runs convolutions inside a while loop (lax.scan)
+    # about 30x slower than straight-line code (BENCHMARKS.md).
+    total = None
+    for index in range(num_micro):
+      micro = jax.tree.map(lambda a, i=index: a[i], split)
+      out = loss_and_grad(params, micro, jax.random.fold_in(dropout_rng, index))
+      total = out if total is None else jax.tree.map(jnp.add, total, out)
+    loss, grads = total
     return jax.tree.map(lambda x: x / num_micro, (loss, grads))
 
   def train_step(state: TrainState, batch: dict[str, Array]):
@@ -112,7 +114,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
         num_classes=config.data.num_classes, logsnr_min=dc.logsnr_min, logsnr_max=dc.logsnr_max)
     loss, grads = accumulated_loss_and_grad(state.params, noised, rng_dropout)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -148,6 +150,19 @@ def create_state(config: ml_collections.ConfigDict, model: UNet,
   init = jax.jit(lambda rng: init_state(config, model, optimizer, rng),
                  out_shardings=NamedSharding(mesh, P()))
   return init(jax.random.PRNGKey(config.seed))
+
+
+def abstract_state(config: ml_collections.ConfigDict, model: UNet,
+                   optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """Shapes, dtypes and (replicated) shardings of the TrainState, computing nothing.
+
+  Restoring into it reads a checkpoint onto this mesh, whatever mesh wrote it.
+  """
+  shapes = jax.eval_shape(lambda rng: init_state(config, model, optimizer, rng),
+                          jax.random.PRNGKey(0))
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      shapes)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
@@ -197,10 +212,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   batcher = make_batcher(config)
   mesh = make_mesh()
   model, optimizer = make_model(config), make_optimizer(tc)
-  state = create_state(config, model, optimizer, mesh)
   ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state, position = ckpt.restore(checkpoint.abstract_like(state))
+  if ckpt.latest_step() is None:
+    state = create_state(config, model, optimizer, mesh)
+  else:
+    state, position = ckpt.restore(abstract_state(config, model, optimizer, mesh))
     if position["next_step"] != int(state.step):
       raise checkpoint.CheckpointError(
           f"checkpoint {ckpt.latest_step()} is inconsistent: data position "

@@ -1,0 +1,103 @@
+"""Training throughput: images/s, step time, GFLOP/s (XLA cost analysis), peak memory.
+
+  python -m benchmarks.train_throughput [--models fashion_mnist,imagenet64] [--steps 8]
+
+Each variant runs in its own process (the CPU device count is fixed at JAX import).
+Results are printed and appended to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+
+def worker(variant: dict) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from cfgdiff import train
+  from experiments import get_experiment
+
+  config = get_experiment(variant["model"])
+  config.train.batch_size = variant["batch"]
+  config.train.microbatch_size = variant.get("micro", 0)
+  config.train.warmup_steps = 1
+  for key, value in variant.get("overrides", {}).items():
+    section, name = key.split(".")
+    config[section][name] = value
+  mesh = train.make_mesh()
+  model, optimizer = train.make_model(config), train.make_optimizer(config.train)
+  state = train.create_state(config, model, optimizer, mesh)
+  step = train.jit_train_step(train.make_train_step(config, model, optimizer, mesh), mesh)
+  size, ch = config.data.image_size, config.data.channels
+  rng = np.random.default_rng(0)
+  batch = train.global_batch({
+      "image": rng.uniform(-1, 1, (config.train.batch_size, size, size, ch)).astype(np.float32),
+      "label": rng.integers(0, config.data.num_classes, config.train.batch_size).astype(np.int32)},
+      mesh)
+  t0 = time.time()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.time() - t0
+  flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(variant["steps"]):
+    t0 = time.time()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.time() - t0)
+  step_s = float(np.median(times))
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  return {"images_per_s": config.train.batch_size / step_s, "step_s": step_s,
+          "gflops_per_s": flops / step_s / 1e9, "gflop_per_step": flops / 1e9,
+          "compile_s": compile_s, "params_m": params / 1e6,
+          "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+          "devices": jax.device_count(), "finite": bool(jnp.isfinite(metrics["loss"]))}
+
+
+VARIANTS = {
+    "fashion_mnist": [
+        dict(devices=1, batch=64), dict(devices=2, batch=64),
+        dict(devices=2, batch=64, micro=32), dict(devices=2, batch=64, micro=16),
+        dict(devices=1, batch=64, micro=16)],
+    "imagenet64": [dict(devices=2, batch=4), dict(devices=2, batch=4, overrides={"model.dtype": "bfloat16"})],
+}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--worker", help="internal: run one JSON variant and print JSON")
+  parser.add_argument("--models", default="fashion_mnist,imagenet64")
+  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--no-write", action="store_true", help="print only")
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(worker(json.loads(args.worker))))
+    return
+
+  from benchmarks import common
+  header = ["model", "devices", "batch", "micro-batch", "dtype", "images/s", "step s",
+            "GFLOP/step", "GFLOP/s", "peak RSS GB", "compile s"]
+  rows = []
+  for model in args.models.split(","):
+    for v in VARIANTS[model]:
+      variant = dict(v, model=model, steps=args.steps)
+      r = common.run_variant("benchmarks.train_throughput", variant, v["devices"])
+      row = [model, r["devices"], v["batch"], v.get("micro", 0) or "-",
+             v.get("overrides", {}).get("model.dtype", "float32"), f"{r['images_per_s']:.1f}",
+             f"{r['step_s']:.3f}", f"{r['gflop_per_step']:.1f}", f"{r['gflops_per_s']:.1f}",
+             f"{r['peak_rss_gb']:.2f}", f"{r['compile_s']:.0f}"]
+      print(" | ".join(str(c) for c in row), flush=True)
+      rows.append(row)
+  if not args.no_write:
+    common.append_section("Training throughput", "python -m benchmarks.train_throughput "
+                          f"--models {args.models} --steps {args.steps}", header, rows)
+
+
+if __name__ == "__main__":
+  main()

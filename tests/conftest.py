@@ -1,0 +1,60 @@
+"""Shared fixtures: synthetic IDX data, the tiny config, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+  """Writes a uint8 array as a gzipped IDX file (the Fashion-MNIST format)."""
+  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_synthetic_dataset(folder: str, n: int = 256, size: int = 8, classes: int = 4) -> str:
+  """Writes an IDX train/test set where class k is a bright k-th quadrant on noise."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, classes, n).astype(np.uint8)
+  images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+  half = size // 2
+  for i, k in enumerate(labels):
+    r, c = divmod(int(k) % 4, 2)
+    images[i, r * half:(r + 1) * half, c * half:(c + 1) * half] = 230
+  os.makedirs(folder, exist_ok=True)
+  for split, (img_name, lbl_name) in {
+      "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+      "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}.items():
+    write_idx(os.path.join(folder, img_name), images)
+    write_idx(os.path.join(folder, lbl_name), labels)
+  return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> str:
+  return make_synthetic_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture
+def tiny_config(synthetic_data):
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  config.data.path = synthetic_data
+  return config
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+  """Runs ``python -m cfgdiff.main ARGS`` as a user would; returns the finished process."""
+  full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+  return subprocess.run([sys.executable, "-m", "cfgdiff.main", *args], cwd=ROOT, env=full_env,
+                        capture_output=True, text=True, timeout=timeout, check=False)

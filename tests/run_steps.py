@@ -1,0 +1,36 @@
+"""Runs a few tiny train steps on however many devices XLA_FLAGS gives; saves the state.
+
+  python -m tests.run_steps DATA_DIR OUT.npz [STEPS]
+
+Used by test_train.py to compare device counts in fresh processes.
+"""
+
+import sys
+
+import jax
+import numpy as np
+
+from cfgdiff import train
+from tests import tiny_config
+
+
+def main(data_dir: str, out: str, steps: int) -> None:
+  config = tiny_config.get_config()
+  config.data.path = data_dir
+  mesh = train.make_mesh()
+  model, optimizer = train.make_model(config), train.make_optimizer(config.train)
+  state = train.create_state(config, model, optimizer, mesh)
+  step_fn = train.jit_train_step(train.make_train_step(config, model, optimizer, mesh), mesh)
+  batcher = train.make_batcher(config)
+  losses = []
+  for step in range(steps):
+    state, metrics = step_fn(state, train.global_batch(batcher.batch(step), mesh))
+    losses.append(float(metrics["loss"]))
+  leaves = jax.tree_util.tree_leaves_with_path(
+      {"params": state.params, "ema": state.ema_params, "opt": state.opt_state})
+  arrays = {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+  np.savez(out, losses=np.array(losses), devices=jax.device_count(), **arrays)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 4)

@@ -1,0 +1,162 @@
+"""The train step and loop: learning, skipping bad updates, device-count invariance,
+bitwise resume, and refusal of bad input, the last three through the real CLI."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfgdiff import checkpoint, train
+from tests.conftest import ROOT, TINY_CONFIG, run_cli
+
+
+@pytest.fixture(scope="module")
+def compiled(synthetic_data):
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  config.data.path = synthetic_data
+  config.model.dropout = 0.0
+  config.train.ema_decay = 0.99
+  mesh = train.make_mesh()
+  model, optimizer = train.make_model(config), train.make_optimizer(config.train)
+  step_fn = train.jit_train_step(train.make_train_step(config, model, optimizer, mesh), mesh)
+  return config, mesh, model, optimizer, step_fn
+
+
+def test_loss_falls(compiled):
+  config, mesh, model, optimizer, step_fn = compiled
+  state = train.create_state(config, model, optimizer, mesh)
+  batcher = train.make_batcher(config)
+  losses = []
+  for step in range(150):
+    state, metrics = step_fn(state, train.global_batch(batcher.batch(step), mesh))
+    losses.append(float(metrics["loss"]))
+  first, last = np.mean(losses[:20]), np.mean(losses[-30:])
+  assert last < 0.6 * first, (first, last)
+  assert int(state.step) == 150 and int(state.num_skipped) == 0
+  # The EMA trails the parameters but has moved away from the initialisation.
+  init = train.create_state(config, model, optimizer, mesh)
+  moved = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in
+                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert moved(state.ema_params, init.params) > 1e-3
+  assert moved(state.ema_params, state.params) > 0.0
+
+
+def test_non_finite_update_is_skipped_and_counted(compiled):
+  config, mesh, model, optimizer, step_fn = compiled
+  state = train.create_state(config, model, optimizer, mesh)
+  before = jax.device_get(state)
+  bad = {"image": np.full((8, 8, 8, 1), np.nan, np.float32), "label": np.zeros(8, np.int32)}
+  state, metrics = step_fn(state, train.global_batch(bad, mesh))
+  assert float(metrics["finite"]) == 0.0
+  assert int(state.num_skipped) == 1 and int(state.step) == 1
+  for a, b in zip(jax.tree.leaves((before.params, before.ema_params, before.opt_state)),
+                  jax.tree.leaves(jax.device_get((state.params, state.ema_params,
+                                                  state.opt_state)))):
+    np.testing.assert_array_equal(a, b)
+
+
+def _run_steps(data_dir: str, out: str, devices: int) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             TF_CPP_MIN_LOG_LEVEL="3")
+  subprocess.run([sys.executable, "-m", "tests.run_steps", data_dir, out, "4"], cwd=ROOT,
+                 env=env, check=True, timeout=600)
+  return dict(np.load(out))
+
+
+def test_eight_devices_equal_one_device(synthetic_data, tmp_path):
+  one = _run_steps(synthetic_data, str(tmp_path / "one.npz"), 1)
+  eight = _run_steps(synthetic_data, str(tmp_path / "eight.npz"), 8)
+  assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+  assert set(one) == set(eight)
+  # Adam moves a parameter by about lr * sign(g) early on, so where a gradient is near
+  # zero (a bias whose contributions cancel) a rounding-level difference can flip a
+  # step of size lr = 3e-3. 1e-4 is 1/30 of one step: different noise per device or a
+  # wrong reduction moves parameters by whole steps and fails this.
+  worst = max(float(np.max(np.abs(one[k] - eight[k]))) for k in one if k != "devices")
+  assert worst < 1e-4, f"largest parameter difference {worst}"
+  # Guard against a vacuous pass: training moved the parameters.
+  assert float(np.std(one["losses"])) > 0
+
+
+def _final_state(workdir: str, step: int, data_dir: str) -> train.TrainState:
+  """Reads a checkpoint written from 2 devices onto this process's 1-device mesh."""
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  config.data.path = data_dir
+  mesh = train.make_mesh()
+  target = train.abstract_state(config, train.make_model(config),
+                                train.make_optimizer(config.train), mesh)
+  state, position = checkpoint.Checkpointer(workdir).restore(target, step)
+  assert position == {"next_step": step}
+  return state
+
+
+def test_resume_is_bitwise_equal_to_uninterrupted_run(synthetic_data, tmp_path):
+  common = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
+            "--config.runtime.cpu_devices=2"]
+  whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+  for workdir, steps in ((whole, 6), (split, 3), (split, 6)):
+    proc = run_cli(*common, f"--workdir={workdir}", f"--config.train.num_steps={steps}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resumed from" in proc.stderr
+  a, b = _final_state(whole, 6, synthetic_data), _final_state(split, 6, synthetic_data)
+  leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for (path, x), y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+  assert int(a.step) == 6
+  assert os.path.exists(os.path.join(whole, "config.json"))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(whole))
+  assert "ETA" in proc.stderr, "progress with an ETA is reported"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.diffusion.p_uncond=1.5", "config.diffusion.p_uncond=1.5 is invalid: must lie in [0, 1]"),
+    ("--config.train.batch_size=0", "config.train.batch_size=0 is invalid"),
+    ("--config.train.batch_size=7", "must be divisible by the device count 2"),
+    ("--config.data.image_size=10", "must be divisible by 4"),
+    ("--config.train.bogus=1", "unknown config key"),
+    ("--config.data.path=/nonexistent", "apt-get install dataset-fashion-mnist"),
+])
+def test_bad_input_is_refused_in_one_line(synthetic_data, tmp_path, override, message):
+  args = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
+          f"--workdir={tmp_path / 'w'}", "--config.runtime.cpu_devices=2", override]
+  if "image_size" in override:
+    args.append("--config.model.ch_mult=(1,2,2)")
+  proc = run_cli(*args)
+  assert proc.returncode != 0
+  error_lines = [l for l in proc.stderr.splitlines() if l.startswith("cfgdiff: error:")]
+  assert len(error_lines) == 1 and message in error_lines[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(synthetic_data, tmp_path):
+  workdir = str(tmp_path / "w")
+  common = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
+            f"--workdir={workdir}", "--config.train.num_steps=3"]
+  assert run_cli(*common).returncode == 0
+  state_dir = os.path.join(workdir, "checkpoints", "3", "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"corrupt")
+  proc = run_cli(*common[:-1], "--config.train.num_steps=6")
+  assert proc.returncode != 0
+  assert "cfgdiff: error: checkpoint" in proc.stderr and "cannot be restored" in proc.stderr
+  assert os.path.isdir(state_dir), "a damaged checkpoint is reported, never deleted"
+
+
+def test_resume_under_a_different_model_is_refused(synthetic_data, tmp_path):
+  workdir = str(tmp_path / "w")
+  common = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
+            f"--workdir={workdir}", "--config.train.num_steps=2"]
+  assert run_cli(*common).returncode == 0
+  proc = run_cli(*common, "--config.model.ch=16")
+  assert proc.returncode != 0 and "config.model.ch=8, not 16" in proc.stderr

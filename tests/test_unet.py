@@ -1,0 +1,73 @@
+"""U-Net shapes, the null token, and the paper-size model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfgdiff import configs, train
+from experiments import get_experiment
+
+
+def _randomized_params(model, shape, seed=0):
+  """Init, then replace every parameter (zero-initialised outputs included) by noise."""
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros(shape), jnp.zeros(shape[:1]),
+                      jnp.zeros(shape[:1], jnp.int32))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape) + (x if x.ndim == 1 else 0)
+                                   for k, x in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  model = train.make_model(config)
+  shape = (3, 8, 8, 1)
+  return model, _randomized_params(model, shape), shape, config.data.num_classes
+
+
+def test_output_shape_and_class_table(tiny_model):
+  model, params, shape, num_classes = tiny_model
+  out = model.apply(params, jnp.ones(shape), jnp.zeros(3), jnp.array([0, 1, num_classes]))
+  assert out.shape == shape and out.dtype == jnp.float32
+  assert params["params"]["class_embed"]["embedding"].shape[0] == num_classes + 1
+
+
+def test_null_token_and_labels_change_output(tiny_model):
+  model, params, shape, num_classes = tiny_model
+  z = jax.random.normal(jax.random.PRNGKey(3), shape)
+  logsnr = jnp.array([0.0, 0.0, 0.0])
+  outs = [model.apply(params, z, logsnr, jnp.full((3,), c)) for c in range(num_classes + 1)]
+  null = outs[-1]
+  for c in range(num_classes):
+    assert float(jnp.max(jnp.abs(outs[c] - null))) > 1e-3, f"class {c} equals the null token"
+  # Labels act per example: changing example 0's label leaves example 1 untouched.
+  mixed = model.apply(params, z, logsnr, jnp.array([num_classes, 0, 0]))
+  np.testing.assert_allclose(mixed[1:], outs[0][1:], atol=1e-5)
+  np.testing.assert_allclose(mixed[:1], null[:1], atol=1e-5)
+
+
+def test_logsnr_changes_output(tiny_model):
+  model, params, shape, _ = tiny_model
+  z = jax.random.normal(jax.random.PRNGKey(3), shape)
+  a = model.apply(params, z, jnp.full((3,), -5.0), jnp.zeros(3, jnp.int32))
+  b = model.apply(params, z, jnp.full((3,), 5.0), jnp.zeros(3, jnp.int32))
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+
+
+@pytest.mark.parametrize("name, low, high", [("fashion_mnist", 1.0e6, 2.0e6),
+                                             ("imagenet64", 2.5e8, 3.5e8)])
+def test_experiment_models_build(name, low, high):
+  config = get_experiment(name)
+  configs.validate(config, num_devices=1)
+  model = train.make_model(config)
+  size, ch = config.data.image_size, config.data.channels
+  x = jnp.zeros((2, size, size, ch))
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, jnp.zeros(2),
+                          jnp.zeros(2, jnp.int32))
+  count = sum(p.size for p in jax.tree.leaves(params))
+  assert low < count < high, count
+  out = jax.eval_shape(lambda p: model.apply(p, x, jnp.zeros(2), jnp.zeros(2, jnp.int32)), params)
+  assert out.shape == x.shape
