@@ -65,7 +65,7 @@ VARIANTS = {
         dict(devices=1, batch=64), dict(devices=2, batch=64),
         dict(devices=2, batch=64, micro=32), dict(devices=2, batch=64, micro=16),
         dict(devices=1, batch=64, micro=16)],
-    "imagenet64": [dict(devices=2, batch=4), dict(devices=2, batch=4, overrides={"model.dtype": "bfloat16"})],
+    "imagenet64": [dict(devices=2, batch=4)],
 }
 
 

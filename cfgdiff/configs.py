@@ -7,7 +7,8 @@ a key that is not in `default_config()` is refused, so typos fail loudly.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ml_collections
 

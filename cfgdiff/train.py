@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -205,7 +206,10 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) to config.train.num_steps, checkpointing into WORKDIR/checkpoints."""
-  from clu import metric_writers, periodic_actions  # Imports TensorFlow: keep it out of the library.
+  from clu import (  # Imports TensorFlow: keep it out of the library.
+    metric_writers,
+    periodic_actions,
+  )
 
   tc = config.train
   check_resumable(config, workdir)

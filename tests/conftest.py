@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from cfgdiff import data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
 
@@ -32,11 +34,9 @@ def make_synthetic_dataset(folder: str, n: int = 256, size: int = 8, classes: in
     r, c = divmod(int(k) % 4, 2)
     images[i, r * half:(r + 1) * half, c * half:(c + 1) * half] = 230
   os.makedirs(folder, exist_ok=True)
-  for split, (img_name, lbl_name) in {
-      "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-      "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}.items():
-    write_idx(os.path.join(folder, img_name), images)
-    write_idx(os.path.join(folder, lbl_name), labels)
+  for image_file, label_file in data.FASHION_MNIST_FILES.values():
+    write_idx(os.path.join(folder, image_file), images)
+    write_idx(os.path.join(folder, label_file), labels)
   return folder
 
 

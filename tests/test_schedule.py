@@ -6,7 +6,6 @@ import pytest
 from cfgdiff import schedule
 
 
-
 def test_endpoints_and_inverse():
   np.testing.assert_allclose(schedule.logsnr_from_u(0.0), 20.0, rtol=1e-4)
   np.testing.assert_allclose(schedule.logsnr_from_u(1.0), -20.0, rtol=1e-4)

@@ -41,7 +41,7 @@ def test_loss_falls(compiled):
   # The EMA trails the parameters but has moved away from the initialisation.
   init = train.create_state(config, model, optimizer, mesh)
   moved = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in
-                           zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+                           zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
   assert moved(state.ema_params, init.params) > 1e-3
   assert moved(state.ema_params, state.params) > 0.0
 
@@ -56,7 +56,7 @@ def test_non_finite_update_is_skipped_and_counted(compiled):
   assert int(state.num_skipped) == 1 and int(state.step) == 1
   for a, b in zip(jax.tree.leaves((before.params, before.ema_params, before.opt_state)),
                   jax.tree.leaves(jax.device_get((state.params, state.ema_params,
-                                                  state.opt_state)))):
+                                                  state.opt_state))), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -108,7 +108,7 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(synthetic_data, tmp_path):
   a, b = _final_state(whole, 6, synthetic_data), _final_state(split, 6, synthetic_data)
   leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
   assert len(leaves_a) == len(leaves_b) > 10
-  for (path, x), y in zip(leaves_a, leaves_b):
+  for (path, x), y in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
   assert int(a.step) == 6
   assert os.path.exists(os.path.join(whole, "config.json"))
@@ -117,7 +117,8 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(synthetic_data, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.diffusion.p_uncond=1.5", "config.diffusion.p_uncond=1.5 is invalid: must lie in [0, 1]"),
+    ("--config.diffusion.p_uncond=1.5",
+     "config.diffusion.p_uncond=1.5 is invalid: must lie in [0, 1]"),
     ("--config.train.batch_size=0", "config.train.batch_size=0 is invalid"),
     ("--config.train.batch_size=7", "must be divisible by the device count 2"),
     ("--config.data.image_size=10", "must be divisible by 4"),

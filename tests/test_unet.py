@@ -16,7 +16,7 @@ def _randomized_params(model, shape, seed=0):
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
   return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape) + (x if x.ndim == 1 else 0)
-                                   for k, x in zip(keys, leaves)])
+                                   for k, x in zip(keys, leaves, strict=True)])
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ called with label ``num_classes``. Layout is NHWC throughout.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -1,0 +1,31 @@
+"""cfgdiff: classifier-free diffusion guidance in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cfgdiff",
+    version="0.1.0",
+    description="Classifier-free diffusion guidance (Ho & Salimans 2022) in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["cfgdiff", "cfgdiff.*", "experiments", "experiments.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml_collections>=1.1.0",
+        "clu>=0.0.12",
+        "numpy>=2.0",
+        "absl-py>=2.1",
+        "tensorflow-datasets>=4.9.10",
+        # clu's metric writers and periodic actions import TensorFlow, and its TensorBoard
+        # writer needs the tensorboard package: the CPU build is enough on every platform.
+        "tensorflow-cpu>=2.20",
+        "tensorboard>=2.20",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "chex>=0.1.90", "ruff>=0.6"],
+    },
+)
