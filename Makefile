@@ -8,7 +8,7 @@ DATA := /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdir/fashion_mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data train test lint
+.PHONY: setup data train sample test lint
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,6 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q tests
+
+sample: setup
+	$(PY) -m cfgdiff.main --config=experiments/fashion_mnist.py --workdir=$(WORKDIR) --mode=sample

@@ -24,8 +24,10 @@ setup(
         # writer needs the tensorboard package: the CPU build is enough on every platform.
         "tensorflow-cpu>=2.20",
         "tensorboard>=2.20",
+        "pillow>=10",  # sample grids
     ],
     extras_require={
-        "test": ["pytest>=8", "chex>=0.1.90", "ruff>=0.6"],
+        "test": ["pytest>=8", "chex>=0.1.90", "ruff>=0.6", "scipy>=1.11",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
     },
 )

@@ -22,7 +22,8 @@ def worker(variant: dict) -> dict:
   from cfgdiff import train
   from experiments import get_experiment
 
-  config = get_experiment(variant["model"])
+  config = get_experiment("fashion_mnist" if variant["model"] == "reference" else
+                          variant["model"])
   config.train.batch_size = variant["batch"]
   config.train.microbatch_size = variant.get("micro", 0)
   config.train.warmup_steps = 1
@@ -57,22 +58,37 @@ def worker(variant: dict) -> dict:
           "gflops_per_s": flops / step_s / 1e9, "gflop_per_step": flops / 1e9,
           "compile_s": compile_s, "params_m": params / 1e6,
           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-          "devices": jax.device_count(), "finite": bool(jnp.isfinite(metrics["loss"]))}
+          "devices": jax.device_count(), "dropout": config.model.dropout,
+          "finite": bool(jnp.isfinite(metrics["loss"]))}
 
 
+# The reference network: 64 base channels, mults (1,2,2), 2 blocks, attention at 7x7.
+REFERENCE = {"model.ch": 64, "model.num_res_blocks": 2, "model.head_channels": 64,
+             "model.dropout": 0.1}
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
 VARIANTS = {
-    "fashion_mnist": [
-        dict(devices=1, batch=64), dict(devices=2, batch=64),
-        dict(devices=2, batch=64, micro=32), dict(devices=2, batch=64, micro=16),
-        dict(devices=1, batch=64, micro=16)],
-    "imagenet64": [dict(devices=2, batch=4)],
+    "reference": [
+        dict(devices=1, batch=64, overrides=REFERENCE),
+        dict(devices=1, batch=64, micro=16, overrides=REFERENCE),
+        dict(devices=2, batch=64, overrides=REFERENCE),
+        dict(devices=2, batch=64, micro=16, overrides=REFERENCE),
+        dict(devices=2, batch=64, xla=ONE_THREAD, overrides=REFERENCE),
+        dict(devices=2, batch=64, xla=ONE_THREAD, overrides=dict(REFERENCE, **{
+            "model.dropout": 0.0})),
+        dict(devices=2, batch=32, xla=ONE_THREAD, overrides=dict(REFERENCE, **{
+            "model.dropout": 0.0})),
+        dict(devices=2, batch=128, xla=ONE_THREAD, overrides=dict(REFERENCE, **{
+            "model.dropout": 0.0})),
+    ],
+    "fashion_mnist": [dict(devices=2, batch=64, xla=ONE_THREAD)],
+    "imagenet64": [dict(devices=2, batch=4, xla=ONE_THREAD)],
 }
 
 
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--worker", help="internal: run one JSON variant and print JSON")
-  parser.add_argument("--models", default="fashion_mnist,imagenet64")
+  parser.add_argument("--models", default="reference,fashion_mnist,imagenet64")
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--no-write", action="store_true", help="print only")
   args = parser.parse_args()
@@ -81,15 +97,18 @@ def main() -> None:
     return
 
   from benchmarks import common
-  header = ["model", "devices", "batch", "micro-batch", "dtype", "images/s", "step s",
-            "GFLOP/step", "GFLOP/s", "peak RSS GB", "compile s"]
+  header = ["model", "devices", "threads/device", "batch", "micro-batch", "dropout",
+            "images/s", "step s", "GFLOP/step/device", "GFLOP/s/device", "peak RSS GB",
+            "compile s"]
   rows = []
   for model in args.models.split(","):
     for v in VARIANTS[model]:
       variant = dict(v, model=model, steps=args.steps)
-      r = common.run_variant("benchmarks.train_throughput", variant, v["devices"])
-      row = [model, r["devices"], v["batch"], v.get("micro", 0) or "-",
-             v.get("overrides", {}).get("model.dtype", "float32"), f"{r['images_per_s']:.1f}",
+      r = common.run_variant("benchmarks.train_throughput", variant, v["devices"],
+                             v.get("xla", ""))
+      threads = "1" if "eigen=false" in v.get("xla", "") else "all"
+      row = [model, r["devices"], threads, v["batch"], v.get("micro", 0) or "-",
+             r["dropout"], f"{r['images_per_s']:.1f}",
              f"{r['step_s']:.3f}", f"{r['gflop_per_step']:.1f}", f"{r['gflops_per_s']:.1f}",
              f"{r['peak_rss_gb']:.2f}", f"{r['compile_s']:.0f}"]
       print(" | ".join(str(c) for c in row), flush=True)

@@ -19,9 +19,16 @@ class Checkpointer:
   killed mid-save leaves the previous checkpoints intact and readable.
   """
 
-  def __init__(self, workdir: str, keep: int = 3):
+  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f"no checkpoint in {self.directory}; train first with "
+                            "--mode=train or point --workdir at a trained run.")
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                             save_interval_steps=0)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:

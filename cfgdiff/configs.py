@@ -62,10 +62,48 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.log_every_steps = 50
 
+  # Sampling (--mode=sample): the same seeds for every w, images in WORKDIR/samples/.
+  config.sample = ml_collections.ConfigDict()
+  config.sample.guidance_weights = (0.0, 0.3, 1.0, 4.0)  # the paper's w; scale s = 1 + w
+  config.sample.num_per_class = 8
+  config.sample.sampler = "ancestral"
+  config.sample.num_steps = 256
+  config.sample.v = 0.3  # ancestral variance interpolation (paper: 0.3 at 64x64)
+  config.sample.batch_size = 80  # compiled batch; smaller requests are padded to it
+  config.sample.fused = False  # both guidance passes in one 2B batch (see BENCHMARKS.md)
+  config.sample.guidance_interval = (-float("inf"), float("inf"))  # log-SNR range to guide
+  config.sample.rescale = 0.0  # CFG rescale phi (0 = off)
+  config.sample.threshold = 0.0  # dynamic-thresholding percentile (0 = off)
+  config.sample.clip_x = True  # clip x~ to [-1, 1] each step, as the authors' code does
+
   # Devices: on a CPU-only host, one XLA device per core (0 = auto) is measurably
   # faster than one device using every core (see BENCHMARKS.md).
   config.runtime = ml_collections.ConfigDict()
   config.runtime.cpu_devices = 0
+  return config
+
+
+def from_json(path: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (WORKDIR/config.json), on top of the defaults.
+
+  Starting from `default_config` keeps tuples as tuples and fills keys added since.
+  """
+  import json
+
+  with open(path) as f:
+    saved = json.load(f)
+  config = default_config()
+
+  def overlay(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+      if key not in target:
+        raise ConfigError(f"{path}: unknown config key '{prefix}{key}'.")
+      if isinstance(target[key], ml_collections.ConfigDict):
+        overlay(target[key], value, f"{prefix}{key}.")
+      else:
+        target[key] = tuple(value) if isinstance(target[key], tuple) else value
+
+  overlay(config, saved, "")
   return config
 
 
@@ -129,8 +167,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for mult in model.ch_mult:
       _require(model.ch * mult % model.head_channels == 0, "model.head_channels",
                model.head_channels, f"must divide every level's channels {model.ch}*{mult}")
+  validate_sample(config.sample)
   _require(config.runtime.cpu_devices >= 0, "runtime.cpu_devices", config.runtime.cpu_devices,
            "must be >= 0 (0 = one device per core)")
+
+
+def validate_sample(sample: ml_collections.ConfigDict) -> None:
+  """Checks config.sample.* (also used on its own by --mode=sample)."""
+  _require(sample.sampler in SAMPLERS, "sample.sampler", sample.sampler,
+           f"must be one of {SAMPLERS}")
+  _require(sample.num_steps >= 1, "sample.num_steps", sample.num_steps, "must be >= 1")
+  _require(sample.num_per_class >= 1, "sample.num_per_class", sample.num_per_class,
+           "must be >= 1")
+  _require(sample.batch_size >= 1, "sample.batch_size", sample.batch_size, "must be >= 1")
+  _require(len(sample.guidance_weights) >= 1 and all(
+      math.isfinite(w) for w in sample.guidance_weights), "sample.guidance_weights",
+           sample.guidance_weights, "must be a non-empty tuple of finite numbers")
+  _require(len(sample.guidance_interval) == 2 and sample.guidance_interval[0]
+           <= sample.guidance_interval[1], "sample.guidance_interval", sample.guidance_interval,
+           "must be (lo, hi) with lo <= hi, in log-SNR")
+  _require(0.0 <= sample.rescale <= 1.0, "sample.rescale", sample.rescale, "must lie in [0, 1]")
+  _require(0.0 <= sample.threshold < 1.0, "sample.threshold", sample.threshold,
+           "must lie in [0, 1) (0 = off)")
 
 
 def auto_cpu_devices(config: ml_collections.ConfigDict, cores: int) -> int:

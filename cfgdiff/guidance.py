@@ -6,7 +6,7 @@ unconditional one. Other tools (Imagen, diffusers) use the "guidance scale" s = 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 

@@ -20,9 +20,15 @@ from cfgdiff import configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"],
+                          "train: train or resume; sample: guided samples from the latest "
+                          "checkpoint into WORKDIR/samples.")
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU).")
+    "multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU). "
+    "On TPU VMs and under SLURM the cluster is detected; elsewhere pass the three flags below.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cfgdiff", "jax")
@@ -69,7 +75,9 @@ def main(argv: list[str]) -> None:
     _set_cpu_devices(configs.auto_cpu_devices(config, os.cpu_count() or 1))
     import jax  # pylint: disable=g-import-not-at-top
     if _MULTIHOST.value:
-      jax.distributed.initialize()
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value,
+                                 process_id=_PROCESS_ID.value)
     jax.config.update("jax_compilation_cache_dir",
                       os.environ.get("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
@@ -77,11 +85,14 @@ def main(argv: list[str]) -> None:
     logging.info("JAX %s on %d %s device(s), %d process(es).", jax.__version__,
                  jax.device_count(), jax.default_backend(), jax.process_count())
 
-    from cfgdiff import checkpoint, data, train  # pylint: disable=g-import-not-at-top
+    from cfgdiff import checkpoint, data, sampling, train  # pylint: disable=g-import-not-at-top
     try:
       if _MODE.value == "train":
         train.train(config, _WORKDIR.value)
-    except (data.DataError, checkpoint.CheckpointError) as e:
+      else:
+        for path in sampling.run(config, _WORKDIR.value):
+          print(path)
+    except (data.DataError, checkpoint.CheckpointError, ValueError) as e:
       _fail(str(e))
   except configs.ConfigError as e:
     _fail(str(e))

@@ -45,7 +45,7 @@ def run(eps_fn, name, steps, labels, w, shape, null, options=None, fused=False, 
   spec = samplers.SamplerSpec(name, steps, fused=fused)
   keys = samplers.example_keys(seed, jnp.arange(labels.shape[0]))
   fn = jax.jit(lambda k, y, w, o: samplers.sample(eps_fn, k, y, w, shape, null, spec, o))
-  x, nfe = fn(keys, labels, w, options or samplers.GuidanceOptions.create(v=0.0))
+  x, nfe = fn(keys, labels, w, options or samplers.GuidanceOptions.create(v=0.0, clip_x=False))
   return np.asarray(x).reshape(labels.shape[0], -1), int(nfe)
 
 

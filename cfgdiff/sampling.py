@@ -1,0 +1,160 @@
+"""Sampling from a trained workdir: EMA parameters, sharded guided sampling, image files.
+
+`CheckpointSampler` is the notebook-facing API; `run` is what --mode=sample calls.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image, ImageDraw, ImageFont
+
+from cfgdiff import checkpoint, data, samplers, train
+
+
+class CheckpointSampler:
+  """Guided samples from the EMA parameters of a workdir's latest checkpoint.
+
+  One compiled program per (sampler, num_steps, fused): w, labels, seeds and the
+  guidance options are traced, and requests are padded to the compiled batch size.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+    self.config = config
+    self.mesh = train.make_mesh()
+    self.model = train.make_model(config)
+    target = train.abstract_state(config, self.model, train.make_optimizer(config.train),
+                                  self.mesh)
+    state, _ = checkpoint.Checkpointer(workdir, read_only=True).restore(target, step)
+    self.params, self.step = state.ema_params, int(state.step)
+    self.num_classes = config.data.num_classes
+    devices = jax.device_count()
+    self.batch_size = -(-config.sample.batch_size // devices) * devices
+    self._compiled = {}
+
+  def _sample_fn(self, spec: samplers.SamplerSpec):
+    if spec not in self._compiled:
+      shape = (self.config.data.image_size,) * 2 + (self.config.data.channels,)
+
+      def fn(params, keys, labels, w, options):
+        eps_fn = lambda z, l, y: self.model.apply({"params": params}, z, l, y)
+        return samplers.sample(eps_fn, keys, labels, w, shape, self.num_classes, spec, options)
+
+      split, replicated = NamedSharding(self.mesh, P("data")), NamedSharding(self.mesh, P())
+      self._compiled[spec] = jax.jit(
+          fn, in_shardings=(replicated, split, split, split, replicated),
+          out_shardings=(split, replicated))
+    return self._compiled[spec]
+
+  def sample(self, labels, w, seed: int = 0, sampler: str | None = None,
+             num_steps: int | None = None, progress=None) -> np.ndarray:
+    """uint8 images [N,H,W,C] for ``labels`` [N] at guidance weight(s) ``w`` (scalar or [N]).
+
+    Image i uses noise key fold_in(PRNGKey(seed), i): the same seeds give the same
+    starting noise at every w.
+    """
+    sc = self.config.sample
+    labels = np.asarray(labels, np.int32).reshape(-1)
+    w = np.broadcast_to(np.asarray(w, np.float32), labels.shape)
+    if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+      bad = labels[(labels < 0) | (labels >= self.num_classes)][0]
+      raise ValueError(f"label {bad} is out of range: labels must lie in "
+                       f"[0, {self.num_classes}) (the null token {self.num_classes} is "
+                       "reached with w = -1).")
+    if not np.all(np.isfinite(w)):
+      raise ValueError(f"guidance weight must be finite, got {w[~np.isfinite(w)][0]}.")
+    spec = samplers.SamplerSpec(sampler or sc.sampler, num_steps or sc.num_steps, sc.fused,
+                                self.config.diffusion.logsnr_min,
+                                self.config.diffusion.logsnr_max)
+    options = samplers.GuidanceOptions.create(sc.v, tuple(sc.guidance_interval), sc.rescale,
+                                              sc.threshold, sc.clip_x)
+    fn, out = self._sample_fn(spec), []
+    for start in range(0, labels.size, self.batch_size):
+      ids = np.arange(start, start + self.batch_size)
+      take = min(self.batch_size, labels.size - start)
+      x, _ = fn(self.params, samplers.example_keys(seed, jnp.asarray(ids)),
+                _padded(labels, start, self.batch_size), _padded(w, start, self.batch_size),
+                options)
+      out.append(data.to_uint8(np.asarray(x))[:take])
+      if progress:
+        progress(start + take, labels.size)
+    return np.concatenate(out)
+
+
+def _padded(values: np.ndarray, start: int, size: int) -> np.ndarray:
+  """values[start:start + size], padded with copies of values[0] to exactly ``size``."""
+  chunk = values[start:start + size]
+  return np.concatenate([chunk, np.repeat(values[:1], size - len(chunk))])
+
+
+def image_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None,
+               scale: int = 2) -> Image.Image:
+  """One row per class (in label order), each row's label written on its left."""
+  classes = sorted(set(labels.tolist()))
+  rows = [images[labels == c] for c in classes]
+  per_row = max(len(r) for r in rows)
+  h, w = images.shape[1] * scale, images.shape[2] * scale
+  margin = 100
+  canvas = Image.new("L" if images.shape[-1] == 1 else "RGB",
+                     (margin + per_row * (w + 2), len(rows) * (h + 2)), color=255)
+  draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+  for r, (c, row) in enumerate(zip(classes, rows, strict=True)):
+    name = class_names[c] if class_names and c < len(class_names) else str(c)
+    draw.text((4, r * (h + 2) + h // 2 - 6), name, fill=0, font=font)
+    for i, img in enumerate(row):
+      tile = Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
+      canvas.paste(tile.resize((w, h), Image.NEAREST), (margin + i * (w + 2), r * (h + 2)))
+  return canvas
+
+
+def _atomic_write(path: str, payload: bytes) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(payload)
+  os.replace(tmp, path)
+
+
+def write_samples(out_dir: str, w: float, images: np.ndarray, labels: np.ndarray,
+                  class_names: list[str] | None) -> tuple[str, str]:
+  """WORKDIR/samples/w{w}.png (labelled grid) and w{w}.npz (images uint8 NHWC, labels)."""
+  os.makedirs(out_dir, exist_ok=True)
+  png, npz = (os.path.join(out_dir, f"w{w}.{ext}") for ext in ("png", "npz"))
+  buffer = io.BytesIO()
+  image_grid(images, labels, class_names).save(buffer, format="PNG")
+  _atomic_write(png, buffer.getvalue())
+  buffer = io.BytesIO()
+  np.savez(buffer, images=images, labels=labels)
+  _atomic_write(npz, buffer.getvalue())
+  return png, npz
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """--mode=sample: for each w, num_per_class images per class with the same seeds."""
+  sc = config.sample
+  sampler = CheckpointSampler(config, workdir)
+  labels = np.repeat(np.arange(config.data.num_classes), sc.num_per_class).astype(np.int32)
+  names = list(data.FASHION_MNIST_CLASSES) if config.data.name == "fashion_mnist" else None
+  total, done, start, written = len(sc.guidance_weights) * labels.size, 0, time.time(), []
+  logging.info("Sampling %d images x %d weights with %s, %d steps, from step %d.",
+               labels.size, len(sc.guidance_weights), sc.sampler, sc.num_steps, sampler.step)
+  for w in sc.guidance_weights:
+    def progress(n, _, base=done, w=w):
+      elapsed = time.time() - start
+      eta = elapsed / (base + n) * (total - base - n)
+      logging.info("w=%s: %d/%d images, %.1f images/s, ETA %.0f s", w, n, labels.size,
+                   (base + n) / elapsed, eta)
+    images = sampler.sample(labels, w, seed=config.seed, progress=progress)
+    done += labels.size
+    png, _ = write_samples(os.path.join(workdir, "samples"), float(w), images, labels, names)
+    written.append(png)
+    logging.info("Wrote %s", png)
+  return written

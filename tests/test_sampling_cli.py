@@ -1,0 +1,104 @@
+"""--mode=sample end to end on a tiny trained checkpoint, through the real CLI."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import TINY_CONFIG, run_cli
+
+SAMPLE_ARGS = ["--config.sample.num_steps=4", "--config.sample.num_per_class=2",
+               "--config.sample.guidance_weights=(0.0,2.0)", "--config.sample.batch_size=6"]
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(synthetic_data, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  proc = run_cli(f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
+                 f"--workdir={workdir}", "--config.train.num_steps=3")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _sample(workdir, data_dir, *extra):
+  return run_cli(f"--config={TINY_CONFIG}", f"--config.data.path={data_dir}",
+                 f"--workdir={workdir}", "--mode=sample", *SAMPLE_ARGS, *extra)
+
+
+def test_sample_mode_writes_grids_and_arrays_the_same_on_any_device_count(
+    trained_workdir, synthetic_data, tmp_path):
+  proc = _sample(trained_workdir, synthetic_data, "--config.runtime.cpu_devices=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = os.path.join(trained_workdir, "samples")
+  assert sorted(os.listdir(out)) == ["w0.0.npz", "w0.0.png", "w2.0.npz", "w2.0.png"]
+  for w in ("0.0", "2.0"):
+    arrays = np.load(os.path.join(out, f"w{w}.npz"))
+    assert arrays["images"].shape == (8, 8, 8, 1) and arrays["images"].dtype == np.uint8
+    np.testing.assert_array_equal(arrays["labels"], np.repeat(np.arange(4), 2))
+    grid = Image.open(os.path.join(out, f"w{w}.png"))
+    assert grid.size[1] == 4 * (16 + 2)  # one row per class, tiles upscaled 2x
+  assert "ETA" in proc.stderr
+  a, b = (np.load(os.path.join(out, f"w{w}.npz"))["images"] for w in ("0.0", "2.0"))
+  assert not np.array_equal(a, b), "w must change the images"
+  # The same checkpoint sampled on one device gives the same images up to float
+  # rounding (a uint8 step at most): noise is keyed per image, not per device.
+  other = str(tmp_path / "copy")
+  shutil.copytree(trained_workdir, other, ignore=shutil.ignore_patterns("samples"))
+  assert _sample(other, synthetic_data, "--config.runtime.cpu_devices=1").returncode == 0
+  c = np.load(os.path.join(other, "samples", "w2.0.npz"))["images"]
+  assert np.max(np.abs(c.astype(int) - b.astype(int))) <= 1
+  assert np.mean(c == b) > 0.99
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.sample.sampler=euler", "config.sample.sampler='euler' is invalid"),
+    ("--config.sample.guidance_weights=(0.0,nan)", "must be a non-empty tuple of finite"),
+])
+def test_bad_sample_config_is_refused(trained_workdir, synthetic_data, override, message):
+  proc = _sample(trained_workdir, synthetic_data, override)
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_missing_checkpoint_is_refused(synthetic_data, tmp_path):
+  proc = _sample(str(tmp_path / "empty"), synthetic_data)
+  assert proc.returncode != 0
+  assert "cfgdiff: error: no checkpoint in" in proc.stderr
+  assert not os.path.exists(tmp_path / "empty"), "a failed read leaves nothing behind"
+
+
+def test_label_out_of_range_is_refused(trained_workdir, synthetic_data):
+  from cfgdiff import sampling
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  config.data.path = synthetic_data
+  sampler = sampling.CheckpointSampler(config, trained_workdir)
+  with pytest.raises(ValueError, match=r"label 4 is out of range: labels must lie in \[0, 4\)"):
+    sampler.sample([0, 4], 1.0)
+  with pytest.raises(ValueError, match="guidance weight must be finite"):
+    sampler.sample([0, 1], float("inf"))
+
+
+def test_sampling_notebook_runs_headless(trained_workdir, monkeypatch):
+  """Executes notebooks/sampling.ipynb against the tiny checkpoint, as a user would."""
+  import nbformat
+  from nbclient import NotebookClient
+
+  from tests.conftest import ROOT
+  monkeypatch.setenv("CFGDIFF_WORKDIR", trained_workdir)
+  monkeypatch.setenv("CFGDIFF_WEIGHTS", "0,3")
+  monkeypatch.setenv("CFGDIFF_NUM_PER_CLASS", "2")
+  monkeypatch.setenv("CFGDIFF_NUM_STEPS", "4")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  monkeypatch.setenv("PYTHONPATH", ROOT)
+  notebook = nbformat.read(os.path.join(ROOT, "notebooks", "sampling.ipynb"), as_version=4)
+  NotebookClient(notebook, timeout=600, kernel_name="python3",
+                 resources={"metadata": {"path": ROOT}}).execute()
+  images = [o for cell in notebook.cells if cell.cell_type == "code"
+            for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+  assert len(images) == 3, "one grid per w and the side-by-side view"
+  text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                 for o in cell.get("outputs", []))
+  assert "EMA parameters from step 3" in text and "guidance scale s = 4.0" in text
