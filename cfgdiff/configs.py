@@ -107,18 +107,19 @@ def from_json(path: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  """(dotted key, value) for every leaf, e.g. ('train.batch_size', 64)."""
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict):
-      yield from _leaves(value, f"{prefix}{key}.")
+      yield from flatten(value, f"{prefix}{key}.")
     else:
       yield f"{prefix}{key}", value
 
 
 def check_known_keys(config: ml_collections.ConfigDict) -> None:
   """Refuses keys that `default_config` does not define."""
-  known = dict(_leaves(default_config()))
-  for key, _ in _leaves(config):
+  known = dict(flatten(default_config()))
+  for key, _ in flatten(config):
     if key not in known:
       raise ConfigError(f"unknown config key '{key}'; known keys are listed in "
                         "cfgdiff/configs.py default_config().")
@@ -172,6 +173,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            "must be >= 0 (0 = one device per core)")
 
 
+def _is_finite_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate_sample(sample: ml_collections.ConfigDict) -> None:
   """Checks config.sample.* (also used on its own by --mode=sample)."""
   _require(sample.sampler in SAMPLERS, "sample.sampler", sample.sampler,
@@ -181,7 +186,7 @@ def validate_sample(sample: ml_collections.ConfigDict) -> None:
            "must be >= 1")
   _require(sample.batch_size >= 1, "sample.batch_size", sample.batch_size, "must be >= 1")
   _require(len(sample.guidance_weights) >= 1 and all(
-      math.isfinite(w) for w in sample.guidance_weights), "sample.guidance_weights",
+      _is_finite_number(w) for w in sample.guidance_weights), "sample.guidance_weights",
            sample.guidance_weights, "must be a non-empty tuple of finite numbers")
   _require(len(sample.guidance_interval) == 2 and sample.guidance_interval[0]
            <= sample.guidance_interval[1], "sample.guidance_interval", sample.guidance_interval,

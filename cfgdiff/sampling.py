@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
@@ -84,7 +85,8 @@ class CheckpointSampler:
       x, _ = fn(self.params, samplers.example_keys(seed, jnp.asarray(ids)),
                 _padded(labels, start, self.batch_size), _padded(w, start, self.batch_size),
                 options)
-      out.append(data.to_uint8(np.asarray(x))[:take])
+      # Every process gets the whole batch (a no-op on one process).
+      out.append(data.to_uint8(multihost_utils.process_allgather(x, tiled=True))[:take])
       if progress:
         progress(start + take, labels.size)
     return np.concatenate(out)
@@ -154,7 +156,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
                    (base + n) / elapsed, eta)
     images = sampler.sample(labels, w, seed=config.seed, progress=progress)
     done += labels.size
-    png, _ = write_samples(os.path.join(workdir, "samples"), float(w), images, labels, names)
-    written.append(png)
-    logging.info("Wrote %s", png)
+    if jax.process_index() == 0:
+      png, _ = write_samples(os.path.join(workdir, "samples"), float(w), images, labels, names)
+      written.append(png)
+      logging.info("Wrote %s", png)
   return written

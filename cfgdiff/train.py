@@ -23,7 +23,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cfgdiff import checkpoint, data, diffusion
+from cfgdiff import checkpoint, configs, data, diffusion
 from cfgdiff.models import UNet
 
 Array = jnp.ndarray
@@ -79,8 +79,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   """Builds train_step(state, batch) -> (state, metrics) (not yet jitted).
 
   ``batch`` holds 'image' float32 [B,H,W,C] in [-1, 1] and 'label' int32 [B].
-  With train.microbatch_size > 0 the gradient is accumulated over micro-batches
-  (same expectation, less memory, and faster on CPU where caches are small).
+  With train.microbatch_size > 0 the gradient is accumulated over micro-batches: the
+  same gradient up to rounding in less memory (on one CPU device it was also 1.4x
+  faster; with one device per core it was not, see BENCHMARKS.md).
   """
   dc, tc = config.diffusion, config.train
   num_micro = tc.batch_size // tc.microbatch_size if tc.microbatch_size else 1
@@ -206,10 +207,8 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) to config.train.num_steps, checkpointing into WORKDIR/checkpoints."""
-  from clu import (  # Imports TensorFlow: keep it out of the library.
-    metric_writers,
-    periodic_actions,
-  )
+  # clu's writers import TensorFlow: imported here so the library's math never loads it.
+  from clu import metric_writers, periodic_actions
 
   tc = config.train
   check_resumable(config, workdir)
@@ -231,7 +230,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   step_fn = jit_train_step(make_train_step(config, model, optimizer, mesh), mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
-    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                          for k, v in configs.flatten(config)})
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
   logging.info("Training %d steps from step %d on %d device(s); batch %d.",
                tc.num_steps, start, jax.device_count(), tc.batch_size)

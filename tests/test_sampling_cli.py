@@ -17,7 +17,7 @@ SAMPLE_ARGS = ["--config.sample.num_steps=4", "--config.sample.num_per_class=2",
 def trained_workdir(synthetic_data, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained"))
   proc = run_cli(f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
-                 f"--workdir={workdir}", "--config.train.num_steps=3")
+                 f"--workdir={workdir}", "--config.train.num_steps=40")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
@@ -101,4 +101,4 @@ def test_sampling_notebook_runs_headless(trained_workdir, monkeypatch):
   assert len(images) == 3, "one grid per w and the side-by-side view"
   text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                  for o in cell.get("outputs", []))
-  assert "EMA parameters from step 3" in text and "guidance scale s = 4.0" in text
+  assert "EMA parameters from step 40" in text and "guidance scale s = 4.0" in text
