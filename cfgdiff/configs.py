@@ -136,7 +136,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ConfigError naming the first invalid key; needs no compilation."""
   check_known_keys(config)
   data, model, diff, train = config.data, config.model, config.diffusion, config.train
-  _require(data.name in DATASETS, "data.name", data.name, f"must be one of {DATASETS}")
+  _require(data.name in DATASETS, "data.name", data.name, f"must be one of {DATASETS} (the "
+           "TFDS input for ImageNet is not implemented yet)")
   _require(data.num_classes >= 1, "data.num_classes", data.num_classes, "must be >= 1")
   _require(0.0 <= diff.p_uncond <= 1.0, "diffusion.p_uncond", diff.p_uncond,
            "must lie in [0, 1]")

@@ -176,6 +176,13 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Ar
 
 def make_batcher(config: ml_collections.ConfigDict) -> data.ArrayBatcher:
   images, labels = data.load_fashion_mnist(config.data.path, "train")
+  expected = (config.data.image_size, config.data.image_size, config.data.channels)
+  if images.shape[1:] != expected:
+    raise data.DataError(f"{config.data.path} holds images of shape {images.shape[1:]}, but "
+                         f"config.data.image_size/channels ask for {expected}.")
+  if labels.max() >= config.data.num_classes:
+    raise data.DataError(f"{config.data.path} has label {labels.max()}, outside "
+                         f"[0, config.data.num_classes={config.data.num_classes}).")
   return data.ArrayBatcher(images, labels, config.train.batch_size, config.seed,
                            jax.process_index(), jax.process_count())
 

@@ -9,7 +9,7 @@ from cfgdiff import configs
 
 def get_config():
   config = configs.default_config()
-  config.data.name = "fashion_mnist"  # replaced by the TFDS pipeline (imagenet_resized/64x64)
+  config.data.name = "imagenet_resized/64x64"  # TFDS; input pipeline not in this version yet
   config.data.image_size = 64
   config.data.channels = 3
   config.data.num_classes = 1000

@@ -124,6 +124,9 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(synthetic_data, tmp_path):
     ("--config.data.image_size=10", "must be divisible by 4"),
     ("--config.train.bogus=1", "unknown config key"),
     ("--config.data.path=/nonexistent", "apt-get install dataset-fashion-mnist"),
+    ("--config.data.image_size=16", "holds images of shape (8, 8, 1), but"),
+    ("--config.data.num_classes=2", "has label 3, outside [0, config.data.num_classes=2)"),
+    ("--config.data.name=imagenet_resized/64x64", "TFDS input for ImageNet is not implemented"),
 ])
 def test_bad_input_is_refused_in_one_line(synthetic_data, tmp_path, override, message):
   args = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
