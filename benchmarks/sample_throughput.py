@@ -20,10 +20,8 @@ LIMITED_INTERVAL = (-4.0, 4.0)
 def worker(variant: dict) -> dict:
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
-  from cfgdiff import samplers, train
+  from cfgdiff import samplers, sampling, train
   from experiments import get_experiment
 
   config = get_experiment("fashion_mnist")
@@ -32,17 +30,10 @@ def worker(variant: dict) -> dict:
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros(1),
                       jnp.zeros(1, jnp.int32))["params"]
   batch, results = variant["batch"], {}
-  split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
   def timed(name, steps, fused, w, interval):
     spec = samplers.SamplerSpec(name, steps, fused=fused)
-
-    def fn(params, keys, labels, w, options):
-      eps_fn = lambda z, l, y: model.apply({"params": params}, z, l, y)
-      return samplers.sample(eps_fn, keys, labels, w, (28, 28, 1), 10, spec, options)
-
-    jitted = jax.jit(fn, in_shardings=(replicated, split, split, split, replicated),
-                     out_shardings=(split, replicated))
+    jitted = sampling.jit_sample_fn(model, mesh, spec, (28, 28, 1), 10)
     args = (params, samplers.example_keys(0, jnp.arange(batch)), jnp.arange(batch) % 10,
             jnp.full(batch, w), samplers.GuidanceOptions.create(interval=interval))
     jax.block_until_ready(jitted(*args))
@@ -63,7 +54,7 @@ def worker(variant: dict) -> dict:
   results["fused"] = timed("ddim", steps, True, 1.0, everywhere)
   results["interval"] = timed("ddim", steps, variant["fused"], 1.0, LIMITED_INTERVAL)
   results["devices"] = jax.device_count()
-  return {k: v for k, v in results.items()}
+  return results
 
 
 def main() -> None:

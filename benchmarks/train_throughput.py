@@ -33,7 +33,7 @@ def worker(variant: dict) -> dict:
   mesh = train.make_mesh()
   model, optimizer = train.make_model(config), train.make_optimizer(config.train)
   state = train.create_state(config, model, optimizer, mesh)
-  step = train.jit_train_step(train.make_train_step(config, model, optimizer, mesh), mesh)
+  step = train.compile_train_step(config, model, optimizer, mesh)
   size, ch = config.data.image_size, config.data.channels
   rng = np.random.default_rng(0)
   batch = train.global_batch({

@@ -6,6 +6,7 @@ a key that is not in `default_config()` is refused, so typos fail loudly.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -90,8 +91,6 @@ def from_json(path: str) -> ml_collections.ConfigDict:
 
   Starting from `default_config` keeps tuples as tuples and fills keys added since.
   """
-  import json
-
   with open(path) as f:
     saved = json.load(f)
   config = default_config()

@@ -92,7 +92,7 @@ def main(argv: list[str]) -> None:
       else:
         for path in sampling.run(config, _WORKDIR.value):
           print(path)
-    except (data.DataError, checkpoint.CheckpointError, ValueError) as e:
+    except (data.DataError, checkpoint.CheckpointError) as e:
       _fail(str(e))
   except configs.ConfigError as e:
     _fail(str(e))

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from cfgdiff import guidance, schedule
+from cfgdiff.configs import SAMPLERS
 
 Array = jnp.ndarray
-SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +121,7 @@ def sample(eps_fn: Callable[[Array, Array, Array], Array], keys: Array, labels: 
     alpha_next, sigma_next = schedule.alpha_sigma(logsnr_next)
     h = 0.5 * (logsnr_next - logsnr)  # step in lambda = log(alpha / sigma)
     if spec.name == "ancestral":
-      mean, _ = schedule.posterior(z, x, jnp.full((batch,), logsnr),
-                                   jnp.full((batch,), logsnr_next))
+      mean, _ = schedule.posterior(z, x, logsnr, logsnr_next)
       std = jnp.exp(0.5 * schedule.sampler_log_variance(logsnr, logsnr_next, options.v))
       z_next = mean + std * draw(keys, t + 1)
     elif spec.name == "ddim":

@@ -14,12 +14,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import linen as nn
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
 
 from cfgdiff import checkpoint, data, samplers, train
+
+
+def jit_sample_fn(model: nn.Module, mesh: Mesh, spec: samplers.SamplerSpec,
+                  image_shape: tuple[int, int, int], null_label: int):
+  """fn(params, keys [B,2], labels [B], w [B], options) -> (x [B,H,W,C], evaluations),
+  jitted with the batch split over the mesh's 'data' axis and parameters replicated."""
+
+  def fn(params, keys, labels, w, options):
+    eps_fn = lambda z, l, y: model.apply({"params": params}, z, l, y)
+    return samplers.sample(eps_fn, keys, labels, w, image_shape, null_label, spec, options)
+
+  split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  return jax.jit(fn, in_shardings=(replicated, split, split, split, replicated),
+                 out_shardings=(split, replicated))
 
 
 class CheckpointSampler:
@@ -45,15 +60,7 @@ class CheckpointSampler:
   def _sample_fn(self, spec: samplers.SamplerSpec):
     if spec not in self._compiled:
       shape = (self.config.data.image_size,) * 2 + (self.config.data.channels,)
-
-      def fn(params, keys, labels, w, options):
-        eps_fn = lambda z, l, y: self.model.apply({"params": params}, z, l, y)
-        return samplers.sample(eps_fn, keys, labels, w, shape, self.num_classes, spec, options)
-
-      split, replicated = NamedSharding(self.mesh, P("data")), NamedSharding(self.mesh, P())
-      self._compiled[spec] = jax.jit(
-          fn, in_shardings=(replicated, split, split, split, replicated),
-          out_shardings=(split, replicated))
+      self._compiled[spec] = jit_sample_fn(self.model, self.mesh, spec, shape, self.num_classes)
     return self._compiled[spec]
 
   def sample(self, labels, w, seed: int = 0, sampler: str | None = None,

@@ -138,12 +138,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   return train_step
 
 
-def jit_train_step(train_step: Callable, mesh: Mesh, state_sharding: Any = None) -> Callable:
-  """Compiles with explicit shardings: state replicated, batch split on 'data', state donated."""
+def compile_train_step(config: ml_collections.ConfigDict, model: UNet,
+                       optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
+  """`make_train_step` jitted with explicit shardings: state replicated, batch split on
+  'data', the state's buffers donated."""
   replicated = NamedSharding(mesh, P())
-  state_sharding = replicated if state_sharding is None else state_sharding
-  return jax.jit(train_step, in_shardings=(state_sharding, NamedSharding(mesh, P("data"))),
-                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+  return jax.jit(make_train_step(config, model, optimizer, mesh),
+                 in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def create_state(config: ml_collections.ConfigDict, model: UNet,
@@ -234,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
   start = int(state.step)
 
-  step_fn = jit_train_step(make_train_step(config, model, optimizer, mesh), mesh)
+  step_fn = compile_train_step(config, model, optimizer, mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)

@@ -20,7 +20,7 @@ def main(data_dir: str, out: str, steps: int) -> None:
   mesh = train.make_mesh()
   model, optimizer = train.make_model(config), train.make_optimizer(config.train)
   state = train.create_state(config, model, optimizer, mesh)
-  step_fn = train.jit_train_step(train.make_train_step(config, model, optimizer, mesh), mesh)
+  step_fn = train.compile_train_step(config, model, optimizer, mesh)
   batcher = train.make_batcher(config)
   losses = []
   for step in range(steps):

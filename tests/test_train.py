@@ -23,7 +23,7 @@ def compiled(synthetic_data):
   config.train.ema_decay = 0.99
   mesh = train.make_mesh()
   model, optimizer = train.make_model(config), train.make_optimizer(config.train)
-  step_fn = train.jit_train_step(train.make_train_step(config, model, optimizer, mesh), mesh)
+  step_fn = train.compile_train_step(config, model, optimizer, mesh)
   return config, mesh, model, optimizer, step_fn
 
 

@@ -10,7 +10,8 @@ from experiments import get_experiment
 
 
 def _randomized_params(model, shape, seed=0):
-  """Init, then replace every parameter (zero-initialised outputs included) by noise."""
+  """Init, then add noise to every parameter: zero-initialised output layers become live,
+  and 1-D parameters (norm scales of 1, biases) keep their init as the noise's centre."""
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros(shape), jnp.zeros(shape[:1]),
                       jnp.zeros(shape[:1], jnp.int32))
   leaves, tree = jax.tree.flatten(params)
