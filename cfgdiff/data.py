@@ -99,13 +99,18 @@ class ArrayBatcher:
     return self._order
 
   def indices(self, step: int) -> np.ndarray:
-    """Indices of this process's part of the global batch at ``step``."""
+    """Indices of this process's part of the global batch at ``step``.
+
+    The global batch is sorted (sorted reads are faster) before it is split, so every
+    example keeps its global position, and with it its noise, at any process count.
+    """
     epoch, position = divmod(step, self.steps_per_epoch)
+    start = position * self.global_batch_size
+    global_indices = np.sort(self._permutation(epoch)[start:start + self.global_batch_size])
     local = self.global_batch_size // self.process_count
-    start = position * self.global_batch_size + self.process_index * local
-    return self._permutation(epoch)[start:start + local]
+    return global_indices[self.process_index * local:(self.process_index + 1) * local]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """{'image': float32 [B_local,H,W,C] in [-1, 1], 'label': int32 [B_local]}."""
-    idx = np.sort(self.indices(step))  # sorted reads are faster; order within a batch is free
+    idx = self.indices(step)
     return {"image": to_model_range(self.images[idx]), "label": self.labels[idx]}

@@ -86,17 +86,25 @@ class CheckpointSampler:
     options = samplers.GuidanceOptions.create(sc.v, tuple(sc.guidance_interval), sc.rescale,
                                               sc.threshold, sc.clip_x)
     fn, out = self._sample_fn(spec), []
+    split = NamedSharding(self.mesh, P("data"))
     for start in range(0, labels.size, self.batch_size):
       ids = np.arange(start, start + self.batch_size)
       take = min(self.batch_size, labels.size - start)
-      x, _ = fn(self.params, samplers.example_keys(seed, jnp.asarray(ids)),
-                _padded(labels, start, self.batch_size), _padded(w, start, self.batch_size),
-                options)
+      keys = np.asarray(samplers.example_keys(seed, jnp.asarray(ids)))
+      batch = [_global(a, split) for a in (keys, _padded(labels, start, self.batch_size),
+                                           _padded(w, start, self.batch_size))]
+      x, _ = fn(self.params, *batch, options)
       # Every process gets the whole batch (a no-op on one process).
       out.append(data.to_uint8(multihost_utils.process_allgather(x, tiled=True))[:take])
       if progress:
         progress(start + take, labels.size)
     return np.concatenate(out)
+
+
+def _global(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from ``values``, which every process holds whole; each device takes
+  its slice. (jit refuses numpy inputs with a split sharding across processes.)"""
+  return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
 
 
 def _padded(values: np.ndarray, start: int, size: int) -> np.ndarray:

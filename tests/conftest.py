@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -58,3 +59,37 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
   full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
   return subprocess.run([sys.executable, "-m", "cfgdiff.main", *args], cwd=ROOT, env=full_env,
                         capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_cli_processes(num_processes: int, *args: str,
+                      timeout: int = 600) -> list[subprocess.CompletedProcess]:
+  """Runs the CLI as ``num_processes`` cooperating JAX processes on this host.
+
+  Each process calls jax.distributed.initialize against a coordinator on a free local
+  port and owns one CPU device; collectives between them go over Gloo, as between hosts.
+  """
+  coordinator = f"localhost:{free_port()}"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "cfgdiff.main", *args, "--config.runtime.cpu_devices=1",
+       "--multihost", f"--coordinator_address={coordinator}",
+       f"--num_processes={num_processes}", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(num_processes)]
+  finished = []
+  for i, proc in enumerate(procs):
+    try:
+      out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise
+    finished.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    assert proc.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+  return finished

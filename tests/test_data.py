@@ -68,6 +68,9 @@ def test_batches_are_a_function_of_seed_and_step():
 
 
 def test_processes_read_disjoint_slices_of_the_global_batch():
-  whole = _batcher().indices(3)
-  parts = [_batcher(process_index=i, process_count=2).indices(3) for i in range(2)]
-  np.testing.assert_array_equal(np.concatenate(parts), whole)
+  # Labels here are example indices: the processes' batches, in process order, must be
+  # the single-process batch in the same order (each position gets its own noise).
+  for step in (0, 3, 17):
+    whole = _batcher().batch(step)["label"]
+    parts = [_batcher(process_index=i, process_count=2).batch(step)["label"] for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
