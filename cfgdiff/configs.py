@@ -16,6 +16,7 @@ import ml_collections
 SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
 DATASETS = ("fashion_mnist",)
 DTYPES = ("float32", "bfloat16")
+FEATURE_NETS = ("classifier", "inception")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,20 @@ def default_config() -> ml_collections.ConfigDict:
   config.sample.rescale = 0.0  # CFG rescale phi (0 = off)
   config.sample.threshold = 0.0  # dynamic-thresholding percentile (0 = off)
   config.sample.clip_x = True  # clip x~ to [-1, 1] each step, as the authors' code does
+
+  # Evaluation sweep (--mode=sweep): every run under WORKDIR x every w, the same labels
+  # and seeds at every w; results in WORKDIR/sweep/. Sampler options come from sample.*.
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.guidance_weights = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+                                   2.0, 3.0, 4.0)  # the paper's Table 1 grid
+  config.sweep.num_samples = 50_000  # per (run, w); classes taken in turn
+  config.sweep.sampler = "ancestral"
+  config.sweep.num_steps = 256
+  config.sweep.feature_net = "classifier"  # 'classifier' (28x28 grey) or 'inception'
+  config.sweep.classifier_epochs = 3
+  config.sweep.pr_k = 3  # neighbourhood size of precision/recall
+  config.sweep.pr_max_points = 10_000  # precision/recall on at most this many per set
+  config.sweep.poll_seconds = 0  # > 0: keep polling WORKDIR for new checkpoints
 
   # Devices: on a CPU-only host, one XLA device per core (0 = auto) is measurably
   # faster than one device using every core (see BENCHMARKS.md).
@@ -171,6 +186,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       _require(model.ch * mult % model.head_channels == 0, "model.head_channels",
                model.head_channels, f"must divide every level's channels {model.ch}*{mult}")
   validate_sample(config.sample)
+  validate_sweep(config.sweep)
   _require(config.runtime.cpu_devices >= 0, "runtime.cpu_devices", config.runtime.cpu_devices,
            "must be >= 0 (0 = one device per core)")
 
@@ -196,6 +212,24 @@ def validate_sample(sample: ml_collections.ConfigDict) -> None:
   _require(0.0 <= sample.rescale <= 1.0, "sample.rescale", sample.rescale, "must lie in [0, 1]")
   _require(0.0 <= sample.threshold < 1.0, "sample.threshold", sample.threshold,
            "must lie in [0, 1) (0 = off)")
+
+
+def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
+  """Checks config.sweep.* (used by --mode=sweep)."""
+  _require(len(sweep.guidance_weights) >= 1 and all(
+      _is_finite_number(w) for w in sweep.guidance_weights), "sweep.guidance_weights",
+           sweep.guidance_weights, "must be a non-empty tuple of finite numbers")
+  _require(sweep.sampler in SAMPLERS, "sweep.sampler", sweep.sampler,
+           f"must be one of {SAMPLERS}")
+  _require(sweep.num_steps >= 1, "sweep.num_steps", sweep.num_steps, "must be >= 1")
+  _require(sweep.num_samples > sweep.pr_k, "sweep.num_samples", sweep.num_samples,
+           f"must exceed sweep.pr_k={sweep.pr_k}")
+  _require(sweep.feature_net in FEATURE_NETS, "sweep.feature_net", sweep.feature_net,
+           f"must be one of {FEATURE_NETS}")
+  _require(sweep.classifier_epochs >= 1, "sweep.classifier_epochs", sweep.classifier_epochs,
+           "must be >= 1")
+  _require(sweep.pr_k >= 1, "sweep.pr_k", sweep.pr_k, "must be >= 1")
+  _require(sweep.poll_seconds >= 0, "sweep.poll_seconds", sweep.poll_seconds, "must be >= 0")
 
 
 def auto_cpu_devices(config: ml_collections.ConfigDict, cores: int) -> int:

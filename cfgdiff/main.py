@@ -20,9 +20,11 @@ from cfgdiff import configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "sweep"],
                           "train: train or resume; sample: guided samples from the latest "
-                          "checkpoint into WORKDIR/samples.")
+                          "checkpoint into WORKDIR/samples; sweep: FID/IS/precision/recall "
+                          "over config.sweep.guidance_weights for every run under WORKDIR, "
+                          "into WORKDIR/sweep.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU). "
     "On TPU VMs and under SLURM the cluster is detected; elsewhere pass the three flags below.")
@@ -85,12 +87,14 @@ def main(argv: list[str]) -> None:
     logging.info("JAX %s on %d %s device(s), %d process(es).", jax.__version__,
                  jax.device_count(), jax.default_backend(), jax.process_count())
 
-    from cfgdiff import checkpoint, data, sampling, train  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from cfgdiff import checkpoint, data, sampling, sweep, train
     try:
       if _MODE.value == "train":
         train.train(config, _WORKDIR.value)
       else:
-        for path in sampling.run(config, _WORKDIR.value):
+        run = sampling.run if _MODE.value == "sample" else sweep.run
+        for path in run(config, _WORKDIR.value):
           print(path)
     except (data.DataError, checkpoint.CheckpointError) as e:
       _fail(str(e))

@@ -64,11 +64,12 @@ class CheckpointSampler:
     return self._compiled[spec]
 
   def sample(self, labels, w, seed: int = 0, sampler: str | None = None,
-             num_steps: int | None = None, progress=None) -> np.ndarray:
+             num_steps: int | None = None, progress=None,
+             first_index: int = 0) -> np.ndarray:
     """uint8 images [N,H,W,C] for ``labels`` [N] at guidance weight(s) ``w`` (scalar or [N]).
 
-    Image i uses noise key fold_in(PRNGKey(seed), i): the same seeds give the same
-    starting noise at every w.
+    Image i uses noise key fold_in(PRNGKey(seed), first_index + i): the same seeds give
+    the same starting noise at every w, and a long request can be made in parts.
     """
     sc = self.config.sample
     labels = np.asarray(labels, np.int32).reshape(-1)
@@ -88,7 +89,7 @@ class CheckpointSampler:
     fn, out = self._sample_fn(spec), []
     split = NamedSharding(self.mesh, P("data"))
     for start in range(0, labels.size, self.batch_size):
-      ids = np.arange(start, start + self.batch_size)
+      ids = np.arange(start, start + self.batch_size) + first_index
       take = min(self.batch_size, labels.size - start)
       keys = np.asarray(samplers.example_keys(seed, jnp.asarray(ids)))
       batch = [_global(a, split) for a in (keys, _padded(labels, start, self.batch_size),
@@ -141,10 +142,11 @@ def _atomic_write(path: str, payload: bytes) -> None:
 
 
 def write_samples(out_dir: str, w: float, images: np.ndarray, labels: np.ndarray,
-                  class_names: list[str] | None) -> tuple[str, str]:
-  """WORKDIR/samples/w{w}.png (labelled grid) and w{w}.npz (images uint8 NHWC, labels)."""
+                  class_names: list[str] | None, stem: str | None = None) -> tuple[str, str]:
+  """OUT_DIR/{stem}.png (labelled grid) and {stem}.npz (images uint8 NHWC, labels);
+  the stem defaults to w{w}."""
   os.makedirs(out_dir, exist_ok=True)
-  png, npz = (os.path.join(out_dir, f"w{w}.{ext}") for ext in ("png", "npz"))
+  png, npz = (os.path.join(out_dir, f"{stem or f'w{w}'}.{ext}") for ext in ("png", "npz"))
   buffer = io.BytesIO()
   image_grid(images, labels, class_names).save(buffer, format="PNG")
   _atomic_write(png, buffer.getvalue())

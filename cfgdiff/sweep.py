@@ -1,0 +1,254 @@
+"""--mode=sweep: the paper's w x p_uncond table for every training run under a workdir.
+
+A run is a directory holding ``checkpoints/`` and ``config.json`` (what --mode=train
+writes): WORKDIR itself, or each of its sub-directories. For the latest checkpoint of
+each run and every w in config.sweep.guidance_weights, it draws config.sweep.num_samples
+images (the same labels and seeds at every w), evaluates them, and appends one row to
+WORKDIR/sweep/results.csv. Finished cells are skipped, so an interrupted sweep resumes
+where it stopped; with sweep.poll_seconds > 0 it keeps waiting for new checkpoints (an
+evaluation job beside a training job).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cfgdiff import checkpoint, configs, data, sampling
+from cfgdiff.evaluation import evaluator as evaluator_lib
+
+COLUMNS = ("run", "step", "p_uncond", "w", "sampler", "steps", "num_samples", "fid",
+           "fid_floor", "is_mean", "is_std", "precision", "recall", "accuracy")
+GRID_PER_CLASS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  path: str
+  config: ml_collections.ConfigDict
+
+
+def find_runs(workdir: str) -> list[Run]:
+  """WORKDIR if it is a training run, else its sub-directories that are."""
+  def is_run(path):
+    return (os.path.isdir(os.path.join(path, "checkpoints"))
+            and os.path.exists(os.path.join(path, "config.json")))
+  if is_run(workdir):
+    paths = [workdir]
+  else:
+    paths = sorted(os.path.join(workdir, d) for d in os.listdir(workdir)
+                   if is_run(os.path.join(workdir, d))) if os.path.isdir(workdir) else []
+  return [Run(os.path.basename(os.path.normpath(p)), p,
+              configs.from_json(os.path.join(p, "config.json"))) for p in paths]
+
+
+def sweep_labels(num_samples: int, num_classes: int) -> np.ndarray:
+  """Classes taken in turn, so every prefix of the samples is class-balanced."""
+  return (np.arange(num_samples) % num_classes).astype(np.int32)
+
+
+def read_results(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _write_results(path: str, rows: list[dict]) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(tmp, path)
+
+
+def _cell_key(row: dict) -> tuple:
+  return (row["run"], int(row["step"]), float(row["w"]), row["sampler"], int(row["steps"]),
+          int(row["num_samples"]))
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+  return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else (
+      f"{value:.{digits}f}")
+
+
+def results_markdown(rows: list[dict], floor: dict) -> str:
+  """The paper's Table 1 layout: rows w, one column per p_uncond, for FID and for IS
+  (the latest step of each run), then precision, recall and class accuracy."""
+  latest = {}
+  for row in rows:
+    if int(row["step"]) >= latest.get(row["run"], -1):
+      latest[row["run"]] = int(row["step"])
+  rows = [r for r in rows if int(r["step"]) == latest[r["run"]]]
+  runs = sorted({(float(r["p_uncond"]), r["run"]) for r in rows})
+  names = {run: f"p_uncond={p:g}" for p, run in runs}
+  if len(set(names.values())) < len(names):
+    names = {run: f"{run} (p_uncond={p:g})" for p, run in runs}
+  weights = sorted({float(r["w"]) for r in rows})
+  cell = {(r["run"], float(r["w"])): r for r in rows}
+  first = rows[0] if rows else {}
+  lines = [f"Sampler {first.get('sampler')}, {first.get('steps')} steps, "
+           f"{first.get('num_samples')} samples per cell; checkpoint steps "
+           + ", ".join(f"{names[run]}: {latest[run]}" for _, run in runs) + ".", ""]
+  for title, keys, digits in (("FID (lower is better)", ("fid",), 2),
+                              ("Inception-style score (higher is better)", ("is_mean",), 2),
+                              ("Precision / recall (k-NN manifolds)", ("precision", "recall"), 3),
+                              ("Accuracy on the requested class", ("accuracy",), 3)):
+    lines += [f"**{title}**", "", "| w | " + " | ".join(names[run] for _, run in runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    for w in weights:
+      values = [" / ".join(_fmt(float(cell[(run, w)][k]), digits) for k in keys)
+                if (run, w) in cell else "-" for _, run in runs]
+      lines.append(f"| {w:g} | " + " | ".join(values) + " |")
+    lines.append("")
+  lines.append(f"Real training images, same count, against the same reference (the floor): "
+               f"FID {_fmt(floor['fid'])}, score {_fmt(floor['is_mean'])}, precision "
+               f"{_fmt(floor['precision'], 3)}, recall {_fmt(floor['recall'], 3)}, accuracy "
+               f"{_fmt(floor['accuracy'], 3)}.")
+  return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(rows: list[dict], path: str) -> None:
+  """FID against the score, one curve per run (p_uncond), points labelled with w."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  figure, axes = plt.subplots(figsize=(6, 4.5))
+  latest = {}
+  for row in rows:
+    latest[row["run"]] = max(latest.get(row["run"], -1), int(row["step"]))
+  for run in sorted(latest, key=lambda r: float(next(x["p_uncond"] for x in rows
+                                                      if x["run"] == r))):
+    points = sorted((float(r["w"]), float(r["is_mean"]), float(r["fid"])) for r in rows
+                    if r["run"] == run and int(r["step"]) == latest[run])
+    p_uncond = next(float(r["p_uncond"]) for r in rows if r["run"] == run)
+    axes.plot([p[1] for p in points], [p[2] for p in points], "o-",
+              label=f"p_uncond={p_uncond:g}")
+    for w, score, value in points:
+      axes.annotate(f"{w:g}", (score, value), textcoords="offset points", xytext=(4, 3),
+                    fontsize=7)
+  axes.set_xlabel("Inception-style score (classifier)")
+  axes.set_ylabel("FID (classifier features)")
+  axes.set_title("Guidance trade-off: FID vs score, points labelled with w")
+  axes.legend()
+  figure.tight_layout()
+  figure.savefig(path + ".tmp.png", dpi=120)
+  plt.close(figure)
+  os.replace(path + ".tmp.png", path)
+
+
+def _evaluate_cell(run: Run, step: int, w: float, config: ml_collections.ConfigDict,
+                   evaluator: evaluator_lib.Evaluator, out_dir: str, eta) -> dict:
+  sw = config.sweep
+  run_config = run.config.copy_and_resolve_references()
+  run_config.sample = config.sample
+  sampler = sampling.CheckpointSampler(run_config, run.path, step)
+  labels = sweep_labels(sw.num_samples, run_config.data.num_classes)
+  accumulator = evaluator.accumulator()
+  chunk = max(sampler.batch_size, (1000 // sampler.batch_size) * sampler.batch_size)
+  grid_images = []
+  for start in range(0, len(labels), chunk):
+    part = labels[start:start + chunk]
+    # Image i's noise is keyed by (seed, i) whatever the chunk: same seeds at every w.
+    images = sampler.sample(part, w, seed=config.seed, sampler=sw.sampler,
+                            num_steps=sw.num_steps, first_index=start)
+    accumulator.update(images, part)
+    if len(grid_images) * chunk < GRID_PER_CLASS * run_config.data.num_classes:
+      grid_images.append(images)
+    eta(len(part))
+  scores = accumulator.result()
+  grid = np.concatenate(grid_images)[:GRID_PER_CLASS * run_config.data.num_classes]
+  names = (list(data.FASHION_MNIST_CLASSES) if run_config.data.name == "fashion_mnist"
+           else None)
+  if jax.process_index() == 0:
+    png, _ = sampling.write_samples(out_dir, w, grid, labels[:len(grid)], names,
+                                    stem=f"{run.name}_w{w}")
+    logging.info("Wrote %s", png)
+  return dict(run=run.name, step=step, p_uncond=run_config.diffusion.p_uncond, w=w,
+              sampler=sw.sampler, steps=sw.num_steps, num_samples=sw.num_samples, **scores)
+
+
+class _Progress:
+  """Logs images done, rate and ETA over the whole sweep."""
+
+  def __init__(self, total: int):
+    self.total, self.done, self.start = total, 0, time.time()
+
+  def __call__(self, n: int) -> None:
+    self.done += n
+    elapsed = time.time() - self.start
+    logging.info("Sweep: %d/%d images, %.1f images/s, ETA %.0f s", self.done, self.total,
+                 self.done / elapsed, elapsed / self.done * (self.total - self.done))
+
+
+def _missing_cells(runs: list[Run], done: set, sw: ml_collections.ConfigDict) -> list[tuple]:
+  """(run, latest checkpoint step, w) for every cell not yet in results.csv."""
+  todo = []
+  for r in runs:
+    step = checkpoint.Checkpointer(r.path, read_only=True).latest_step()
+    for w in sw.guidance_weights:
+      key = (r.name, step, float(w), sw.sampler, sw.num_steps, sw.num_samples)
+      if step is not None and key not in done:
+        todo.append((r, step, float(w)))
+  return todo
+
+
+def _training_finished(runs: list[Run]) -> bool:
+  return bool(runs) and all(
+      checkpoint.Checkpointer(r.path, read_only=True).latest_step() == r.config.train.num_steps
+      for r in runs)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Evaluates every missing (run, latest step, w) cell; returns the written files."""
+  sw = config.sweep
+  out_dir = os.path.join(workdir, "sweep")
+  results_csv = os.path.join(out_dir, "results.csv")
+  os.makedirs(out_dir, exist_ok=True)
+  evaluator = None
+  while True:
+    runs = find_runs(workdir)
+    if not runs and not sw.poll_seconds:
+      raise checkpoint.CheckpointError(
+          f"no training run under {workdir}: a run is a directory with checkpoints/ and "
+          "config.json, written by --mode=train.")
+    rows = read_results(results_csv)
+    todo = _missing_cells(runs, {_cell_key(r) for r in rows}, sw)
+    if todo:
+      evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
+      progress = _Progress(len(todo) * sw.num_samples)
+      logging.info("Sweep: %d cells to evaluate (%d already done), %d samples each.",
+                   len(todo), len(rows), sw.num_samples)
+      for r, step, w in todo:
+        row = _evaluate_cell(r, step, w, config, evaluator, out_dir, progress)
+        logging.info("%s step %d w=%g: %s", r.name, step, w,
+                     {k: row[k] for k in ("fid", "is_mean", "precision", "recall", "accuracy")})
+        rows.append({k: row[k] for k in COLUMNS if k != "fid_floor"}
+                    | {"fid_floor": evaluator.floor["fid"]})
+        if jax.process_index() == 0:
+          _write_results(results_csv, rows)
+    if not sw.poll_seconds or _training_finished(runs):
+      break
+    logging.info("Sweep: waiting %d s for new checkpoints.", sw.poll_seconds)
+    time.sleep(sw.poll_seconds)
+
+  evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
+  table = results_markdown(rows, evaluator.floor)
+  paths = [os.path.join(out_dir, name) for name in ("results.md", "tradeoff.png")]
+  if jax.process_index() == 0:
+    with open(paths[0], "w") as f:
+      f.write(table)
+    plot_tradeoff(rows, paths[1])
+  print(table)
+  return [results_csv] + paths

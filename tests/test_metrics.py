@@ -1,0 +1,86 @@
+"""FID, IS, precision/recall and accuracy against closed forms and independent references."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from cfgdiff.evaluation import metrics
+
+
+def _random_spd(rng, dim):
+  a = rng.normal(size=(dim, dim))
+  return a @ a.T / dim + 0.1 * np.eye(dim)
+
+
+def test_frechet_distance_of_commuting_gaussians_is_closed_form():
+  # Diagonal covariances commute: tr((C1 C2)^(1/2)) = sum sqrt(a_i b_i).
+  a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
+  mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+  expected = 1.0 + 4.0 + np.sum(a) + np.sum(b) - 2 * np.sum(np.sqrt(a * b))
+  assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected)
+  assert metrics.frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0, abs=1e-9)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_on_non_commuting_covariances():
+  rng = np.random.default_rng(0)
+  c1, c2 = _random_spd(rng, 64), _random_spd(rng, 64)
+  mu1, mu2 = rng.normal(size=64), rng.normal(size=64)
+  reference = (np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2)
+               - 2 * np.trace(scipy.linalg.sqrtm(c1 @ c2)).real)
+  assert metrics.frechet_distance(mu1, c1, mu2, c2) == pytest.approx(reference, rel=1e-9)
+
+
+def test_fid_of_samples_converges_to_the_gaussians_distance():
+  rng = np.random.default_rng(1)
+  c1, c2 = _random_spd(rng, 4), _random_spd(rng, 4)
+  mu1, mu2 = np.zeros(4), np.full(4, 0.5)
+  exact = metrics.frechet_distance(mu1, c1, mu2, c2)
+  a, b = metrics.GaussianStats(4), metrics.GaussianStats(4)
+  a.update(rng.multivariate_normal(mu1, c1, 200_000))
+  b.update(rng.multivariate_normal(mu2, c2, 200_000))
+  assert metrics.fid(a, b) == pytest.approx(exact, rel=0.02)
+
+
+def test_streaming_statistics_equal_one_shot(tmp_path):
+  rng = np.random.default_rng(2)
+  features = (rng.normal(size=(1000, 16)) * 50 + 1000).astype(np.float32)
+  stats = metrics.GaussianStats(16)
+  for chunk in np.array_split(features, 7):
+    stats.update(chunk)
+  np.testing.assert_allclose(stats.mean, features.astype(np.float64).mean(0), rtol=1e-12)
+  np.testing.assert_allclose(stats.cov, np.cov(features.astype(np.float64), rowvar=False),
+                             rtol=1e-9, atol=1e-9)
+  stats.save(tmp_path / "s.npz")
+  loaded = metrics.GaussianStats.load(tmp_path / "s.npz")
+  assert loaded.count == 1000 and metrics.fid(stats, loaded) == pytest.approx(0, abs=1e-6)
+
+
+def test_inception_score_of_one_hot_and_uniform_predictions():
+  k = 10
+  one_hot = np.eye(k)[np.arange(50_000) % k]  # confident and evenly spread: IS = K
+  mean, std = metrics.inception_score(one_hot)
+  assert mean == pytest.approx(k, rel=3e-3) and std < 0.05
+  mean, std = metrics.inception_score(np.full((5000, k), 1.0 / k))  # no information: IS = 1
+  assert mean == pytest.approx(1.0) and std == pytest.approx(0.0, abs=1e-12)
+  # All mass on one class: confident but no diversity, IS = 1.
+  assert metrics.inception_score(np.eye(k)[np.zeros(1000, int)])[0] == pytest.approx(1.0)
+
+
+def test_precision_recall_on_point_sets_with_known_answers():
+  # Reals: a unit-spaced grid on [0, 9]^2; each ball (k = 3) has radius 1 (4 neighbours
+  # at distance 1 for interior points), so it covers the square up to about 1 outside.
+  grid = np.stack(np.meshgrid(np.arange(10.0), np.arange(10.0)), -1).reshape(-1, 2)
+  inside = grid[:50] + 0.3  # every one within 1 of a real point
+  far = np.full((50, 2), 100.0) + np.random.default_rng(0).normal(size=(50, 2))
+  precision, _ = metrics.precision_recall(grid, np.concatenate([inside, far]))
+  assert precision == pytest.approx(0.5)
+  # Fakes covering only the lower half of the grid: recall is the covered fraction.
+  # The fake balls reach 1 beyond row 4, so rows 0..5 of the real grid are covered.
+  lower = grid[grid[:, 1] <= 4]
+  precision, recall = metrics.precision_recall(grid, lower)
+  assert precision == 1.0 and recall == pytest.approx(0.6)
+
+
+def test_class_accuracy():
+  probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+  assert metrics.class_accuracy(probs, np.array([0, 1, 1])) == pytest.approx(2 / 3)

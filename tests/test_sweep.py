@@ -1,0 +1,80 @@
+"""--mode=sweep end to end through the CLI on two tiny runs (two p_uncond values):
+the table, the plot, the grids, and resuming without redoing finished cells."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from cfgdiff import sweep
+from tests.conftest import TINY_CONFIG, run_cli
+
+SWEEP_ARGS = ["--mode=sweep", "--config.sweep.guidance_weights=(0.0,3.0)",
+              "--config.sweep.num_samples=24", "--config.sweep.sampler=ddim",
+              "--config.sweep.num_steps=4", "--config.sweep.classifier_epochs=2",
+              "--config.sample.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def swept(synthetic_data, tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("table"))
+  common = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}"]
+  for p in ("0.1", "0.5"):
+    proc = run_cli(*common, f"--workdir={root}/p_uncond_{p}", f"--config.diffusion.p_uncond={p}",
+                   "--config.train.num_steps=20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_cli(*common, f"--workdir={root}", *SWEEP_ARGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return root, common, proc
+
+
+def test_sweep_writes_table_plot_and_grids(swept):
+  root, _, proc = swept
+  out = os.path.join(root, "sweep")
+  rows = sweep.read_results(os.path.join(out, "results.csv"))
+  assert len(rows) == 4
+  assert set(sweep.COLUMNS) <= set(rows[0])
+  assert {(r["run"], float(r["p_uncond"]), float(r["w"])) for r in rows} == {
+      (f"p_uncond_{p}", float(p), w) for p in ("0.1", "0.5") for w in (0.0, 3.0)}
+  for r in rows:
+    assert float(r["fid"]) >= 0 and float(r["fid_floor"]) >= 0
+    assert 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
+    assert 0 <= float(r["accuracy"]) <= 1 and 1 <= float(r["is_mean"]) <= 4
+    assert r["sampler"] == "ddim" and int(r["steps"]) == 4 and int(r["num_samples"]) == 24
+    assert int(r["step"]) == 20
+  table = open(os.path.join(out, "results.md")).read()
+  assert "| w | p_uncond=0.1 | p_uncond=0.5 |" in table and "| 3 |" in table
+  assert "floor" in table and table.strip() in proc.stdout
+  assert os.path.getsize(os.path.join(out, "tradeoff.png")) > 1000
+  assert os.path.exists(os.path.join(out, "p_uncond_0.5_w3.0.png"))
+  assert os.path.exists(os.path.join(out, "classifier", "classifier.msgpack"))
+  assert "ETA" in proc.stderr
+
+
+def test_interrupted_sweep_resumes_without_redoing_cells(swept):
+  root, common, _ = swept
+  path = os.path.join(root, "sweep", "results.csv")
+  rows = sweep.read_results(path)
+  kept = [r for r in rows if not (r["run"] == "p_uncond_0.1" and float(r["w"]) == 3.0)]
+  with open(path, "w", newline="") as f:  # as if the run died before the last cell
+    writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+    writer.writeheader()
+    writer.writerows(kept)
+  proc = run_cli(*common, f"--workdir={root}", *SWEEP_ARGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "1 cells to evaluate (3 already done)" in proc.stderr
+  assert "Training the evaluation classifier" not in proc.stderr, "classifier is cached"
+  again = sweep.read_results(path)
+  assert len(again) == 4 and again[:3] == kept
+  redone = again[3]
+  original = next(r for r in rows if r["run"] == "p_uncond_0.1" and float(r["w"]) == 3.0)
+  # The same seeds and labels give the same cell again.
+  np.testing.assert_allclose(float(redone["fid"]), float(original["fid"]), rtol=1e-3)
+
+
+def test_sweep_without_runs_is_refused(synthetic_data, tmp_path):
+  proc = run_cli(f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
+                 f"--workdir={tmp_path}", *SWEEP_ARGS)
+  assert proc.returncode == 2
+  assert "no training run under" in proc.stderr.strip().splitlines()[-1]
