@@ -1,5 +1,5 @@
 # The two commands a newcomer needs, each working from nothing on a fresh machine:
-#   make train    set up .venv and the data, then train the Fashion-MNIST default
+#   make run      set up .venv and the data, train the Fashion-MNIST default, sweep w
 #   make test     set up, then run ruff and the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -8,12 +8,16 @@ DATA := /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdir/fashion_mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data train sample test lint
+CONFIG := experiments/fashion_mnist.py
+TABLE1 ?= workdir/table1
+CLI := $(PY) -m cfgdiff.main --config=$(CONFIG)
+
+.PHONY: setup data train sample sweep run table1 test lint
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,fid]"
 	touch $@
 
 data:
@@ -24,7 +28,21 @@ data:
 setup: $(VENV)/.installed data
 
 train: setup
-	$(PY) -m cfgdiff.main --config=experiments/fashion_mnist.py --workdir=$(WORKDIR)
+	$(CLI) --workdir=$(WORKDIR)
+
+sweep: setup
+	$(CLI) --workdir=$(WORKDIR) --mode=sweep
+
+# The main job: train the default, then FID/score/precision/recall over w; prints the table.
+run: train sweep
+
+# The paper's Table 1 at CPU scale: p_uncond 0.1, 0.2, 0.5, then w from 0 to 4.
+table1: setup
+	for p in 0.1 0.2 0.5; do \
+	  $(CLI) --workdir=$(TABLE1)/p_uncond_$$p --config.diffusion.p_uncond=$$p || exit 1; \
+	done
+	$(CLI) --workdir=$(TABLE1) --mode=sweep \
+	  --config.sweep.guidance_weights="(0.0,0.1,0.3,0.5,1.0,2.0,4.0)"
 
 lint: setup
 	$(PY) -m ruff check .
@@ -33,4 +51,4 @@ test: setup lint
 	$(PY) -m pytest -q tests
 
 sample: setup
-	$(PY) -m cfgdiff.main --config=experiments/fashion_mnist.py --workdir=$(WORKDIR) --mode=sample
+	$(CLI) --workdir=$(WORKDIR) --mode=sample

@@ -29,8 +29,8 @@ def worker(variant: dict) -> dict:
   config.train.warmup_steps = 1
   for key, value in variant.get("overrides", {}).items():
     section, name = key.split(".")
-    config[section][name] = value
-  mesh = train.make_mesh()
+    config[section][name] = tuple(value) if isinstance(value, list) else value
+  mesh = train.make_mesh(tuple(config.runtime.mesh_shape))
   model, optimizer = train.make_model(config), train.make_optimizer(config.train)
   state = train.create_state(config, model, optimizer, mesh)
   step = train.compile_train_step(config, model, optimizer, mesh)
@@ -44,6 +44,10 @@ def worker(variant: dict) -> dict:
   compiled = step.lower(state, batch).compile()
   compile_s = time.time() - t0
   flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+  memory = compiled.memory_analysis()
+  # Per device: the step's arguments (state and batch) and its temporaries.
+  state_gb = memory.argument_size_in_bytes / 2**30 if memory else float("nan")
+  temp_gb = memory.temp_size_in_bytes / 2**30 if memory else float("nan")
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   times = []
@@ -59,6 +63,8 @@ def worker(variant: dict) -> dict:
           "compile_s": compile_s, "params_m": params / 1e6,
           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           "devices": jax.device_count(), "dropout": config.model.dropout,
+          "dtype": config.model.dtype, "mesh": list(mesh.devices.shape),
+          "args_gb": state_gb, "temp_gb": temp_gb,
           "finite": bool(jnp.isfinite(metrics["loss"]))}
 
 
@@ -81,7 +87,11 @@ VARIANTS = {
             "model.dropout": 0.0})),
     ],
     "fashion_mnist": [dict(devices=2, batch=64, xla=ONE_THREAD)],
-    "imagenet64": [dict(devices=2, batch=4, xla=ONE_THREAD, steps=2)],  # ~10 s a step here
+    # ~10-20 s a step here: replicated against FSDP-sharded state, float32 against bf16.
+    "imagenet64": [
+        dict(devices=2, batch=4, xla=ONE_THREAD, steps=2, overrides={
+            "model.dtype": dtype, "runtime.mesh_shape": mesh})
+        for dtype in ("float32", "bfloat16") for mesh in ([-1, 1], [1, 2])],
 }
 
 
@@ -97,9 +107,9 @@ def main() -> None:
     return
 
   from benchmarks import common
-  header = ["model", "devices", "threads/device", "batch", "micro-batch", "dropout",
-            "images/s", "step s", "GFLOP/step/device", "GFLOP/s/device", "peak RSS GB",
-            "compile s"]
+  header = ["model", "devices", "threads/device", "mesh (data, fsdp)", "dtype", "batch",
+            "micro-batch", "dropout", "images/s", "step s", "GFLOP/step/device",
+            "GFLOP/s/device", "args GB/device", "temp GB/device", "peak RSS GB", "compile s"]
   rows = []
   for model in args.models.split(","):
     for v in VARIANTS[model]:
@@ -107,10 +117,11 @@ def main() -> None:
       r = common.run_variant("benchmarks.train_throughput", variant, v["devices"],
                              v.get("xla", ""))
       threads = "1" if "eigen=false" in v.get("xla", "") else "all"
-      row = [model, r["devices"], threads, v["batch"], v.get("micro", 0) or "-",
-             r["dropout"], f"{r['images_per_s']:.1f}",
+      row = [model, r["devices"], threads, tuple(r["mesh"]), r["dtype"], v["batch"],
+             v.get("micro", 0) or "-", r["dropout"], f"{r['images_per_s']:.1f}",
              f"{r['step_s']:.3f}", f"{r['gflop_per_step']:.1f}", f"{r['gflops_per_s']:.1f}",
-             f"{r['peak_rss_gb']:.2f}", f"{r['compile_s']:.0f}"]
+             f"{r['args_gb']:.2f}", f"{r['temp_gb']:.2f}", f"{r['peak_rss_gb']:.2f}",
+             f"{r['compile_s']:.0f}"]
       print(" | ".join(str(c) for c in row), flush=True)
       rows.append(row)
   if not args.no_write:

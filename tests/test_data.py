@@ -52,7 +52,7 @@ def test_range_conversion_round_trips():
 def _batcher(**kw):
   n = 100
   images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)
-  return data.ArrayBatcher(images, np.arange(n, dtype=np.int32), **dict(
+  return data.Batcher(data.ArraySource(images, np.arange(n, dtype=np.int32)), **dict(
       dict(global_batch_size=10, seed=7), **kw))
 
 

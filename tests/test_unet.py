@@ -72,3 +72,22 @@ def test_experiment_models_build(name, low, high):
   assert low < count < high, count
   out = jax.eval_shape(lambda p: model.apply(p, x, jnp.zeros(2), jnp.zeros(2, jnp.int32)), params)
   assert out.shape == x.shape
+
+
+def test_flax_unet_matches_an_independent_torch_implementation(tiny_model):
+  torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[fid]'")
+  from benchmarks.torch_unet import TorchUNet
+  from tests import tiny_config
+  model, params, shape, num_classes = tiny_model
+  mc = tiny_config.get_config().model
+  net = TorchUNet(jax.device_get(params["params"]), mc.ch, mc.ch_mult, mc.num_res_blocks,
+                  mc.attn_resolutions, mc.head_channels, mc.num_heads)
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=shape).astype(np.float32)
+  logsnr = np.array([-5.0, 0.0, 7.0], np.float32)
+  label = np.array([0, 3, num_classes], np.int32)
+  expected = net(torch.from_numpy(z.transpose(0, 3, 1, 2)), torch.from_numpy(logsnr),
+                 torch.from_numpy(label).long()).numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(model.apply(params, z, logsnr, label))
+  assert np.std(expected) > 0.1, "randomized weights make every layer contribute"
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -9,7 +9,6 @@ its test accuracy so every result can say how trustworthy the evaluator is.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -19,8 +18,10 @@ import optax
 from absl import logging
 from flax import linen as nn
 from flax import serialization
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from cfgdiff import data
+from cfgdiff import data, files
 
 FEATURE_DIM = 128
 
@@ -28,7 +29,9 @@ FEATURE_DIM = 128
 class Classifier(nn.Module):
   """conv32-pool-conv64-pool-conv128-pool-dense128-dense(num_classes).
 
-  Sized by measurement: 92% test accuracy on Fashion-MNIST in about a minute on 2 cores.
+  Sized by measurement: 92.5% test accuracy on Fashion-MNIST after 4 epochs (2.6 min on
+  2 cores). Batch norm and average pools: max-pool gradients cost a third of the step on
+  XLA:CPU, and without batch norm 3 epochs reached only 90-91%.
   """
   num_classes: int = 10
 
@@ -38,7 +41,6 @@ class Classifier(nn.Module):
     for width in (32, 64, 128):
       x = nn.Conv(width, (3, 3), use_bias=False)(x)
       x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-      # Average pools: max-pool gradients cost a third of the step on XLA:CPU.
       x = nn.avg_pool(x, (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
     features = nn.relu(nn.Dense(FEATURE_DIM)(x))
@@ -47,7 +49,7 @@ class Classifier(nn.Module):
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
-                     epochs: int = 3, batch_size: int = 128, seed: int = 0) -> dict:
+                     epochs: int = 4, batch_size: int = 128, seed: int = 0) -> dict:
   """Adam with a cosine decay over ``epochs``; returns the variables (params, batch_stats).
 
   images: uint8 [N, H, W, C]; labels int [N].
@@ -59,7 +61,6 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
   params, batch_stats = variables["params"], variables["batch_stats"]
   opt_state = optimizer.init(params)
 
-  @jax.jit
   def step(params, batch_stats, opt_state, x, y, rng):
     def loss_fn(p):
       (_, logits), updates = model.apply({"params": p, "batch_stats": batch_stats}, x,
@@ -71,6 +72,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
+  split, replicated = _local_shardings(batch_size)
+  step = jax.jit(step, in_shardings=(replicated,) * 3 + (split, split, replicated),
+                 out_shardings=replicated)
   rng, key = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
   start = time.time()
   for epoch in range(epochs):
@@ -86,6 +90,16 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
   return {"params": params, "batch_stats": batch_stats}
 
 
+def _local_shardings(batch_size: int) -> tuple[NamedSharding, NamedSharding]:
+  """(batch split, replicated) over this process's devices: data parallel on one host
+  (each core is an XLA device on CPU), the same numbers on any device count."""
+  devices = jax.local_devices()
+  if batch_size % len(devices):
+    devices = devices[:1]
+  mesh = Mesh(np.asarray(devices), ("batch",))
+  return NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+
+
 class ClassifierFeatures:
   """Features and class probabilities of uint8 images under trained classifier variables."""
 
@@ -96,7 +110,8 @@ class ClassifierFeatures:
     def apply(variables, x):
       features, logits = model.apply(variables, x)
       return features, jax.nn.softmax(logits)
-    self._apply = jax.jit(apply)
+    split, replicated = _local_shardings(batch_size)
+    self._apply = jax.jit(apply, in_shardings=(replicated, split), out_shardings=split)
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N, H, W, C] -> (features float32 [N, 128], probs float32 [N, K])."""
@@ -112,19 +127,18 @@ class ClassifierFeatures:
 
 
 def load_or_train(cache_dir: str, data_path: str, num_classes: int,
-                  epochs: int = 3) -> tuple[ClassifierFeatures, float]:
+                  epochs: int = 4) -> tuple[ClassifierFeatures, float]:
   """The cached classifier in ``cache_dir`` (trained and saved there on first use) and its
   test-set accuracy."""
-  params_file = os.path.join(cache_dir, "classifier.msgpack")
-  info_file = os.path.join(cache_dir, "classifier.json")
+  params_file = files.path(cache_dir) / "classifier.msgpack"
+  info_file = files.path(cache_dir) / "classifier.json"
   train_images, train_labels = data.load_fashion_mnist(data_path, "train")
   template = Classifier(num_classes).init(jax.random.PRNGKey(0),
                                           jnp.zeros((1,) + train_images.shape[1:]))
-  if os.path.exists(params_file) and os.path.exists(info_file):
-    with open(params_file, "rb") as f:
-      variables = serialization.from_bytes(template, f.read())
-    with open(info_file) as f:
-      return ClassifierFeatures(variables, num_classes), json.load(f)["test_accuracy"]
+  if params_file.exists() and info_file.exists():
+    variables = serialization.from_bytes(template, params_file.read_bytes())
+    return (ClassifierFeatures(variables, num_classes),
+            json.loads(info_file.read_text())["test_accuracy"])
 
   logging.info("Training the evaluation classifier on %d images (cached in %s).",
                len(train_images), cache_dir)
@@ -133,11 +147,7 @@ def load_or_train(cache_dir: str, data_path: str, num_classes: int,
   test_images, test_labels = data.load_fashion_mnist(data_path, "test")
   accuracy = float(np.mean(np.argmax(features(test_images)[1], 1) == test_labels))
   logging.info("Evaluation classifier test accuracy: %.4f", accuracy)
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = params_file + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(serialization.to_bytes(variables))
-  os.replace(tmp, params_file)
-  with open(info_file, "w") as f:
-    json.dump({"test_accuracy": accuracy, "epochs": epochs, "data_path": data_path}, f)
+  files.write_atomic(params_file, serialization.to_bytes(variables))
+  files.write_atomic(info_file, json.dumps({"test_accuracy": accuracy, "epochs": epochs,
+                                            "data_path": data_path}))
   return features, accuracy

@@ -1,0 +1,28 @@
+"""Workdir file I/O that works the same on a local disk and on a bucket (gs://...).
+
+TPU pods and clusters keep the workdir in cloud storage; `etils.epath` (what Orbax
+uses) reads and writes both. Writes go to a temporary name and are renamed into place,
+so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+from etils import epath
+
+
+def path(location: str | epath.Path) -> epath.Path:
+  """An absolute epath for a local path, the URL itself for gs:// and friends."""
+  p = epath.Path(location)
+  return p if "://" in str(location) else p.absolute()
+
+
+def write_atomic(location: str | epath.Path, payload: bytes | str) -> None:
+  """Writes ``payload`` to a temporary sibling, then renames it over ``location``."""
+  target = path(location)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f".{target.name}.tmp"
+  if isinstance(payload, str):
+    tmp.write_text(payload)
+  else:
+    tmp.write_bytes(payload)
+  tmp.replace(target)
