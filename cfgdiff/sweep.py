@@ -219,6 +219,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       raise checkpoint.CheckpointError(
           f"no training run under {workdir}: a run is a directory with checkpoints/ and "
           "config.json, written by --mode=train.")
+    # Read before listing the cells, so the final checkpoint is evaluated before we stop.
+    finished = _training_finished(runs)
     rows = read_results(results_csv)
     todo = _missing_cells(runs, {_cell_key(r) for r in rows}, sw)
     if todo:
@@ -234,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
                     | {"fid_floor": evaluator.floor["fid"]})
         if jax.process_index() == 0:
           _write_results(results_csv, rows)
-    if not sw.poll_seconds or _training_finished(runs):
+    if not sw.poll_seconds or finished:
       break
     logging.info("Sweep: waiting %d s for new checkpoints.", sw.poll_seconds)
     time.sleep(sw.poll_seconds)

@@ -78,3 +78,25 @@ def test_sweep_without_runs_is_refused(synthetic_data, tmp_path):
                  f"--workdir={tmp_path}", *SWEEP_ARGS)
   assert proc.returncode == 2
   assert "no training run under" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_polling_sweep_evaluates_new_checkpoints_until_training_ends(synthetic_data, tmp_path):
+  import subprocess
+  import sys
+
+  from tests.conftest import ROOT
+  workdir = str(tmp_path / "run")
+  common = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
+            f"--workdir={workdir}"]
+  # Training writes checkpoints at steps 30 and 60 while the sweep polls every 2 s.
+  trainer = subprocess.Popen(
+      [sys.executable, "-m", "cfgdiff.main", *common, "--config.train.num_steps=60",
+       "--config.train.checkpoint_every_steps=30"], cwd=ROOT, stderr=subprocess.DEVNULL,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  sweeper = run_cli(*common, *SWEEP_ARGS[:-1], "--config.sweep.poll_seconds=2")
+  assert trainer.wait(timeout=600) == 0
+  assert sweeper.returncode == 0, sweeper.stderr[-3000:]
+  steps = [int(r["step"]) for r in sweep.read_results(os.path.join(workdir, "sweep",
+                                                                   "results.csv"))]
+  assert steps[-1] == 60 and steps == sorted(steps), steps
+  assert "waiting 2 s for new checkpoints" in sweeper.stderr or len(steps) == 1
