@@ -78,14 +78,18 @@ def _fmt(value: float, digits: int = 2) -> str:
       f"{value:.{digits}f}")
 
 
+def _latest_rows(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
+  """The rows of each run's latest evaluated step, and that step per run."""
+  latest: dict[str, int] = {}
+  for row in rows:
+    latest[row["run"]] = max(latest.get(row["run"], -1), int(row["step"]))
+  return [r for r in rows if int(r["step"]) == latest[r["run"]]], latest
+
+
 def results_markdown(rows: list[dict], floor: dict) -> str:
   """The paper's Table 1 layout: rows w, one column per p_uncond, for FID and for IS
   (the latest step of each run), then precision, recall and class accuracy."""
-  latest = {}
-  for row in rows:
-    if int(row["step"]) >= latest.get(row["run"], -1):
-      latest[row["run"]] = int(row["step"])
-  rows = [r for r in rows if int(r["step"]) == latest[r["run"]]]
+  rows, latest = _latest_rows(rows)
   runs = sorted({(float(r["p_uncond"]), r["run"]) for r in rows})
   names = {run: f"p_uncond={p:g}" for p, run in runs}
   if len(set(names.values())) < len(names):
@@ -121,14 +125,10 @@ def plot_tradeoff(rows: list[dict], path: str) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   figure, axes = plt.subplots(figsize=(6, 4.5))
-  latest = {}
-  for row in rows:
-    latest[row["run"]] = max(latest.get(row["run"], -1), int(row["step"]))
-  for run in sorted(latest, key=lambda r: float(next(x["p_uncond"] for x in rows
-                                                      if x["run"] == r))):
+  rows, _ = _latest_rows(rows)
+  for p_uncond, run in sorted({(float(r["p_uncond"]), r["run"]) for r in rows}):
     points = sorted((float(r["w"]), float(r["is_mean"]), float(r["fid"])) for r in rows
-                    if r["run"] == run and int(r["step"]) == latest[run])
-    p_uncond = next(float(r["p_uncond"]) for r in rows if r["run"] == run)
+                    if r["run"] == run)
     axes.plot([p[1] for p in points], [p[2] for p in points], "o-",
               label=f"p_uncond={p_uncond:g}")
     for w, score, value in points:
@@ -145,12 +145,18 @@ def plot_tradeoff(rows: list[dict], path: str) -> None:
   files.write_atomic(path, buffer.getvalue())
 
 
-def _evaluate_cell(run: Run, step: int, w: float, config: ml_collections.ConfigDict,
-                   evaluator: evaluator_lib.Evaluator, out_dir: str, eta) -> dict:
-  sw = config.sweep
+def _checkpoint_sampler(run: Run, step: int,
+                        config: ml_collections.ConfigDict) -> sampling.CheckpointSampler:
+  """The run's model at ``step``, sampled with this sweep's config.sample options."""
   run_config = run.config.copy_and_resolve_references()
   run_config.sample = config.sample
-  sampler = sampling.CheckpointSampler(run_config, run.path, step)
+  return sampling.CheckpointSampler(run_config, run.path, step)
+
+
+def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
+                   config: ml_collections.ConfigDict, evaluator: evaluator_lib.Evaluator,
+                   out_dir: str, eta) -> dict:
+  sw, run_config = config.sweep, sampler.config
   labels = sweep_labels(sw.num_samples, run_config.data.num_classes)
   accumulator = evaluator.accumulator()
   chunk = max(sampler.batch_size, (1000 // sampler.batch_size) * sampler.batch_size)
@@ -172,7 +178,7 @@ def _evaluate_cell(run: Run, step: int, w: float, config: ml_collections.ConfigD
     png, _ = sampling.write_samples(out_dir, w, grid, labels[:len(grid)], names,
                                     stem=f"{run.name}_w{w}")
     logging.info("Wrote %s", png)
-  return dict(run=run.name, step=step, p_uncond=run_config.diffusion.p_uncond, w=w,
+  return dict(run=run.name, step=sampler.step, p_uncond=run_config.diffusion.p_uncond, w=w,
               sampler=sw.sampler, steps=sw.num_steps, num_samples=sw.num_samples, **scores)
 
 
@@ -189,11 +195,12 @@ class _Progress:
                  self.done / elapsed, elapsed / self.done * (self.total - self.done))
 
 
-def _missing_cells(runs: list[Run], done: set, sw: ml_collections.ConfigDict) -> list[tuple]:
+def _missing_cells(runs: list[Run], latest: dict[str, int | None], done: set,
+                   sw: ml_collections.ConfigDict) -> list[tuple]:
   """(run, latest checkpoint step, w) for every cell not yet in results.csv."""
   todo = []
   for r in runs:
-    step = checkpoint.Checkpointer(r.path, read_only=True).latest_step()
+    step = latest[r.name]
     for w in sw.guidance_weights:
       key = (r.name, step, float(w), sw.sampler, sw.num_steps, sw.num_samples)
       if step is not None and key not in done:
@@ -201,10 +208,8 @@ def _missing_cells(runs: list[Run], done: set, sw: ml_collections.ConfigDict) ->
   return todo
 
 
-def _training_finished(runs: list[Run]) -> bool:
-  return bool(runs) and all(
-      checkpoint.Checkpointer(r.path, read_only=True).latest_step() == r.config.train.num_steps
-      for r in runs)
+def _latest_steps(runs: list[Run]) -> dict[str, int | None]:
+  return {r.name: checkpoint.Checkpointer(r.path, read_only=True).latest_step() for r in runs}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -219,17 +224,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       raise checkpoint.CheckpointError(
           f"no training run under {workdir}: a run is a directory with checkpoints/ and "
           "config.json, written by --mode=train.")
-    # Read before listing the cells, so the final checkpoint is evaluated before we stop.
-    finished = _training_finished(runs)
+    # One snapshot: if it shows training finished, its cells include the final checkpoint.
+    latest = _latest_steps(runs)
+    finished = bool(runs) and all(latest[r.name] == r.config.train.num_steps for r in runs)
     rows = read_results(results_csv)
-    todo = _missing_cells(runs, {_cell_key(r) for r in rows}, sw)
+    todo = _missing_cells(runs, latest, {_cell_key(r) for r in rows}, sw)
     if todo:
       evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
       progress = _Progress(len(todo) * sw.num_samples)
       logging.info("Sweep: %d cells to evaluate (%d already done), %d samples each.",
                    len(todo), len(rows), sw.num_samples)
+      # Cells come run by run: one restore and one compile per run, shared by every w.
+      loaded, sampler = None, None
       for r, step, w in todo:
-        row = _evaluate_cell(r, step, w, config, evaluator, out_dir, progress)
+        if loaded != (r.name, step):
+          loaded, sampler = (r.name, step), _checkpoint_sampler(r, step, config)
+        row = _evaluate_cell(r, sampler, w, config, evaluator, out_dir, progress)
         logging.info("%s step %d w=%g: %s", r.name, step, w,
                      {k: row[k] for k in ("fid", "is_mean", "precision", "recall", "accuracy")})
         rows.append({k: row[k] for k in COLUMNS if k != "fid_floor"}

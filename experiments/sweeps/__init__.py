@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-TABLE1_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0, 3.0, 4.0)
+from cfgdiff import configs
+
+TABLE1_WEIGHTS = tuple(configs.default_config().sweep.guidance_weights)
 TABLE1 = dict(config="experiments/imagenet64.py", p_uncond=(0.1, 0.2, 0.5), num_steps=(256,),
               guidance_weights=TABLE1_WEIGHTS)
 # Table 2 reports w = 0.3 (its best FID) and w = 4.0 (its highest IS) at each T; 0.1 and
@@ -42,7 +44,3 @@ def main() -> None:
   args = parser.parse_args()
   print("\n".join(commands(GRIDS[args.grid], args.workdir,
                            f" {args.extra}" if args.extra else "")))
-
-
-if __name__ == "__main__":
-  main()
