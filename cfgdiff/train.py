@@ -252,26 +252,35 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
 class PreemptionFlag:
   """Set by SIGTERM (what TPU VMs, SLURM and Kubernetes send before preemption).
 
-  The loop checks it after every step, then saves and exits cleanly. Across processes
-  the flag is OR-ed, so every host stops at the same step and joins the same save.
+  The loop asks it after every step, then saves and exits cleanly. With several
+  processes, JAX's preemption sync manager (started by jax.distributed.initialize; it
+  catches SIGTERM itself) agrees on a step in the background, so every host stops at
+  the same step and joins the same save without a collective per step.
   """
 
   def __init__(self):
     self._set = False
-    self._previous = signal.signal(signal.SIGTERM, self._handler)
+    self._sync_manager = (jax.process_count() > 1 and
+                          jax.config.jax_enable_preemption_service)
+    if not self._sync_manager:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):
     del signum, frame
     self._set = True
 
-  def is_set(self) -> bool:
+  def should_stop(self, step: int) -> bool:
+    """True at the step where every process saves and stops; call it at every step."""
+    if self._sync_manager:
+      return multihost_utils.reached_preemption_sync_point(step)
     if jax.process_count() == 1:
       return self._set
-    flags = multihost_utils.process_allgather(np.array(self._set))
-    return bool(np.any(flags))
+    # jax_enable_preemption_service=False: agree with a collective every step.
+    return bool(np.any(multihost_utils.process_allgather(np.array(self._set))))
 
   def restore(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._sync_manager:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -319,7 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       summary["skipped_updates_total"] = int(state.num_skipped)
       writer.write_scalars(done, summary)
       window, window_start = [], time.time()
-    preempted = preemption.is_set()
+    preempted = preemption.should_stop(done)
     if done % tc.checkpoint_every_steps == 0 or done == tc.num_steps or preempted:
       ckpt.save(done, state, {"next_step": done})
     if preempted:

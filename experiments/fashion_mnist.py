@@ -3,7 +3,7 @@
 Sized so that the main job (`make run`: set-up, training, evaluation classifier and a
 sweep over w) ends within 15 minutes on a 2-core CPU (measured: see README): a
 1.4M-parameter ADM-style U-Net with one residual block per level and attention at 7x7,
-trained for 600 steps of 64 images.
+trained for 2,400 steps of 16 images.
 """
 
 from cfgdiff import configs
@@ -22,13 +22,18 @@ def get_config():
 
   config.diffusion.p_uncond = 0.2  # the paper's Table 1 middle column
 
-  config.train.num_steps = 600
-  config.train.batch_size = 64
-  config.train.learning_rate = 1e-3
-  config.train.warmup_steps = 100
-  config.train.ema_decay = 0.99  # averages over ~100 steps: right for a run this short
-  config.train.checkpoint_every_steps = 200
-  config.train.log_every_steps = 50
+  # The main job's budget is ~8 minutes of training (about 38k images at ~85 images/s).
+  # Within that budget, more and smaller steps learn the classes faster: at w = 0 the
+  # requested class was right for 37% (batch 64, 600 steps), 41% (32, 1200) and 51%
+  # (16, 2400) of 200 samples; batch 8 was better still (54%) but 15% slower.
+  config.train.num_steps = 2400
+  config.train.batch_size = 16
+  config.train.learning_rate = 2e-3  # 1e-3 at batch 64 gave 28% instead of 37%
+  config.train.adam_b2 = 0.99  # faster second-moment estimates for a run this short
+  config.train.warmup_steps = 200
+  config.train.ema_decay = 0.9975  # averages over ~400 steps (6,400 images)
+  config.train.checkpoint_every_steps = 800
+  config.train.log_every_steps = 200
 
   # The paper's ancestral sampler at its smallest T (Table 2 uses 128, 256, 1024).
   config.sample.sampler = "ancestral"

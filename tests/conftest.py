@@ -67,29 +67,48 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_cli_processes(num_processes: int, *args: str,
-                      timeout: int = 600) -> list[subprocess.CompletedProcess]:
-  """Runs the CLI as ``num_processes`` cooperating JAX processes on this host.
+def start_cli_processes(num_processes: int, *args: str, log_dir: str) -> list[subprocess.Popen]:
+  """Starts the CLI as ``num_processes`` cooperating JAX processes on this host.
 
   Each process calls jax.distributed.initialize against a coordinator on a free local
   port and owns one CPU device; collectives between them go over Gloo, as between hosts.
+  Process i writes its console to ``log_dir/process_{i}.log`` (files, so that no pipe
+  fills up and stalls a process).
   """
   coordinator = f"localhost:{free_port()}"
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "cfgdiff.main", *args, "--config.runtime.cpu_devices=1",
-       "--multihost", f"--coordinator_address={coordinator}",
-       f"--num_processes={num_processes}", f"--process_id={i}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(num_processes)]
-  finished = []
+  os.makedirs(log_dir, exist_ok=True)
+  procs = []
+  for i in range(num_processes):
+    with open(os.path.join(log_dir, f"process_{i}.log"), "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "cfgdiff.main", *args, "--config.runtime.cpu_devices=1",
+           "--multihost", f"--coordinator_address={coordinator}",
+           f"--num_processes={num_processes}", f"--process_id={i}"],
+          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log))
+  return procs
+
+
+def wait_cli_processes(procs: list[subprocess.Popen], log_dir: str,
+                       timeout: int = 600) -> list[str]:
+  """Waits for processes from `start_cli_processes`; returns their consoles (stderr)."""
+  try:
+    for proc in procs:
+      proc.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    for proc in procs:
+      proc.kill()
+    raise
+  logs = []
   for i, proc in enumerate(procs):
-    try:
-      out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      for p in procs:
-        p.kill()
-      raise
-    finished.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    assert proc.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
-  return finished
+    with open(os.path.join(log_dir, f"process_{i}.log")) as f:
+      logs.append(f.read())
+    assert proc.returncode == 0, f"process {i} failed:\n{logs[-1][-3000:]}"
+  return logs
+
+
+def run_cli_processes(num_processes: int, *args: str, log_dir: str,
+                      timeout: int = 600) -> list[str]:
+  """Runs `start_cli_processes` to the end; returns each process's console (stderr)."""
+  procs = start_cli_processes(num_processes, *args, log_dir=log_dir)
+  return wait_cli_processes(procs, log_dir, timeout)
