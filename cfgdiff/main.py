@@ -10,6 +10,7 @@ decided before JAX is imported, so this module imports JAX lazily.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -69,8 +70,14 @@ def _set_cpu_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = xla_flags.strip()
 
 
+def _quiet_orbax_info(record: std_logging.LogRecord) -> bool:
+  """Drops Orbax's INFO lines (a dozen per checkpoint save); its warnings still show."""
+  return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   del argv
+  logging.get_absl_handler().addFilter(_quiet_orbax_info)
   config = _CONFIG.value
   try:
     configs.check_known_keys(config)

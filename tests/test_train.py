@@ -138,6 +138,7 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(synthetic_data, tmp_path):
   assert os.path.exists(os.path.join(whole, "config.json"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(whole))
   assert "ETA" in proc.stderr, "progress with an ETA is reported"
+  assert "checkpoint_manager.py" not in proc.stderr, "Orbax's INFO lines are filtered out"
 
 
 @pytest.mark.parametrize("override, message", [
