@@ -1,11 +1,12 @@
 """One guided evaluation, (1 + w) eps(z, c) - w eps(z, null), JAX against PyTorch eager on
 the same network and weights (the issue's reference U-Net, batch 64, 28x28).
 
-  python -m benchmarks.guided_eval_torch [--batch 64] [--repeats 5]
+  python -m benchmarks.guided_eval_torch [--batch 64] [--repeats 5] [--xla-flags=F ...]
 
 JAX runs jitted in fresh processes on 1 device (all cores) and on one device per core;
 PyTorch runs eager with torch.set_num_threads(cores). Both forms: two passes of B and
-one fused batch of 2B. Appends a table to BENCHMARKS.md.
+one fused batch of 2B. Each --xla-flags set adds a row: JAX on one device per core with
+those XLA:CPU flags (e.g. --xla_cpu_use_xnnpack=true). Appends a table to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def main() -> None:
   parser.add_argument("--worker")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--xla-flags", action="append", default=[],
+                      help="an extra XLA flag set to try (repeatable; one row each), "
+                           "written as --xla-flags=--xla_cpu_use_xnnpack=true")
   parser.add_argument("--no-write", action="store_true")
   args = parser.parse_args()
   if args.worker:
@@ -122,8 +126,12 @@ def main() -> None:
                                                       variant, 1),
       f"JAX, {cores} devices (one per core)": common.run_variant(
           "benchmarks.guided_eval_torch", variant, cores, "--xla_cpu_multi_thread_eigen=false"),
-      f"PyTorch eager, {cores} threads": torch_times(args.batch, args.repeats),
   }
+  for xla_flags in args.xla_flags:
+    results[f"JAX, {cores} devices, {xla_flags}"] = common.run_variant(
+        "benchmarks.guided_eval_torch", variant, cores,
+        f"--xla_cpu_multi_thread_eigen=false {xla_flags}")
+  results[f"PyTorch eager, {cores} threads"] = torch_times(args.batch, args.repeats)
   torch_best = min(results[f"PyTorch eager, {cores} threads"].values())
   rows = [[name, f"{r['two_pass']:.3f}", f"{r['fused']:.3f}",
            f"{torch_best / min(r['two_pass'], r['fused']):.2f}"] for name, r in results.items()]
