@@ -91,3 +91,20 @@ def test_flax_unet_matches_an_independent_torch_implementation(tiny_model):
   got = np.asarray(model.apply(params, z, logsnr, label))
   assert np.std(expected) > 0.1, "randomized weights make every layer contribute"
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("shape, groups", [((3, 8, 8, 64), 32), ((2, 4, 4, 96), 32),
+                                           ((2, 5, 5, 6), 3)])
+def test_group_norm_equals_flax_group_norm(shape, groups):
+  import flax.linen as nn
+
+  from cfgdiff.models.unet import GroupNorm
+  rng = np.random.default_rng(0)
+  # Offsets and spreads that differ per channel, so group and channel statistics differ.
+  x = jnp.asarray(rng.normal(3.0, 1.0, shape) * rng.uniform(0.5, 4.0, shape[-1]) +
+                  rng.normal(0.0, 5.0, shape[-1]), jnp.float32)
+  ours, reference = GroupNorm(groups), nn.GroupNorm(groups)
+  params = reference.init(jax.random.PRNGKey(0), x)
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  assert jax.tree.structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(params)
+  np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=2e-5)
