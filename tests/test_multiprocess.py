@@ -42,11 +42,13 @@ def test_two_processes_train_like_one(workdirs, synthetic_data):
   single, multi = workdirs
   a, b = _final_state(single, 6, synthetic_data), _final_state(multi, 6, synthetic_data)
   assert int(b.step) == 6
-  # Gloo sums gradients in another order than in-process all-reduce: float rounding only
-  # (see test_eight_devices_equal_one_device for why 1e-4 is far below one Adam step).
+  # Gloo sums gradients in another order than in-process all-reduce: float rounding only.
+  # Adam can turn rounding on a near-zero gradient into part of a step of lr = 3e-3 (see
+  # test_eight_devices_equal_one_device); 1.3e-4 was measured here. 3e-4 is a tenth of
+  # one step, while wrong noise or a wrong reduction moves parameters by whole steps.
   worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-  assert worst < 1e-4, worst
+  assert worst < 3e-4, worst
   init_moved = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(a.ema_params),
                                    strict=True))
