@@ -3,6 +3,7 @@ jax.distributed.initialize against a local coordinator, train and sample through
 CLI and must agree with one process driving 2 devices."""
 
 import os
+import pathlib
 import signal
 import time
 
@@ -76,7 +77,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(synthetic_data, tmp_
       "--config.train.checkpoint_every_steps=100000", "--config.train.log_every_steps=1",
       log_dir=log_dir)
   deadline = time.time() + 300
-  while "] [3] " not in open(os.path.join(log_dir, "process_0.log")).read():
+  console = pathlib.Path(log_dir, "process_0.log")
+  while "] [3] " not in console.read_text():
     assert time.time() < deadline and procs[0].poll() is None, "training did not start"
     time.sleep(0.5)
   procs[1].send_signal(signal.SIGTERM)
