@@ -53,10 +53,10 @@ def jax_worker(variant: dict) -> dict:
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from cfgdiff import guidance, train
+  from cfgdiff import build, guidance
 
   config = _config()
-  model, mesh = train.make_model(config), train.make_mesh()
+  model, mesh = build.make_model(config), build.make_mesh()
   params = _params(config, model)
   b = variant["batch"]
   rng = np.random.default_rng(0)
@@ -87,8 +87,8 @@ def torch_times(batch: int, repeats: int) -> dict:
 
   torch.set_num_threads(os.cpu_count() or 1)
   config = _config()
-  from cfgdiff import train
-  params = jax.device_get(_params(config, train.make_model(config)))
+  from cfgdiff import build
+  params = jax.device_get(_params(config, build.make_model(config)))
   mc = config.model
   net = TorchUNet(params, mc.ch, mc.ch_mult, mc.num_res_blocks, mc.attn_resolutions,
                   mc.head_channels, mc.num_heads)

@@ -12,14 +12,14 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from cfgdiff import train
+from cfgdiff import build
 from experiments import get_experiment
 
 
 def measure(name: str, batch: int = 2) -> tuple[float, float]:
   """(parameters in millions, forward GFLOPs per image)."""
   config = get_experiment(name)
-  model = train.make_model(config)
+  model = build.make_model(config)
   size, ch = config.data.image_size, config.data.channels
   x, l, y = jnp.zeros((batch, size, size, ch)), jnp.zeros(batch), jnp.zeros(batch, jnp.int32)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, l, y)

@@ -21,12 +21,12 @@ def worker(variant: dict) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from cfgdiff import samplers, sampling, train
+  from cfgdiff import build, samplers, sampling
   from experiments import get_experiment
 
   config = get_experiment("fashion_mnist")
-  mesh = train.make_mesh()
-  model = train.make_model(config)
+  mesh = build.make_mesh()
+  model = build.make_model(config)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros(1),
                       jnp.zeros(1, jnp.int32))["params"]
   batch, results = variant["batch"], {}

@@ -19,7 +19,7 @@ def worker(variant: dict) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from cfgdiff import train
+  from cfgdiff import build, train
   from experiments import get_experiment
 
   config = get_experiment("fashion_mnist" if variant["model"] == "reference" else
@@ -30,13 +30,13 @@ def worker(variant: dict) -> dict:
   for key, value in variant.get("overrides", {}).items():
     section, name = key.split(".")
     config[section][name] = tuple(value) if isinstance(value, list) else value
-  mesh = train.make_mesh(tuple(config.runtime.mesh_shape))
-  model, optimizer = train.make_model(config), train.make_optimizer(config.train)
-  state = train.create_state(config, model, optimizer, mesh)
+  mesh = build.make_mesh(tuple(config.runtime.mesh_shape))
+  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
+  state = build.create_state(config, model, optimizer, mesh)
   step = train.compile_train_step(config, model, optimizer, mesh)
   size, ch = config.data.image_size, config.data.channels
   rng = np.random.default_rng(0)
-  batch = train.global_batch({
+  batch = build.global_batch({
       "image": rng.uniform(-1, 1, (config.train.batch_size, size, size, ch)).astype(np.float32),
       "label": rng.integers(0, config.data.num_classes, config.train.batch_size).astype(np.int32)},
       mesh)

@@ -102,8 +102,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.runtime = ml_collections.ConfigDict()
   config.runtime.cpu_devices = 0
   # Training mesh (data, fsdp): parameters and optimizer state are sharded over 'fsdp'
-  # (FSDP/ZeRO-3 style; 1 = replicated), the batch over all devices; -1 = the rest.
+  # (FSDP/ZeRO-3 style; 1 = replicated, 0 = this host's device count), the batch over all
+  # devices; data = -1 takes the rest.
   config.runtime.mesh_shape = (-1, 1)
+  # One training job per workdir: a second job is refused while the first one's
+  # WORKDIR/train.lock heartbeat (rewritten every lease / 4) is younger than this.
+  config.runtime.workdir_lease_seconds = 300.0
   return config
 
 
@@ -152,8 +156,13 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"config.{key}={value!r} is invalid: {allowed}.")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError naming the first invalid key; needs no compilation."""
+def validate(config: ml_collections.ConfigDict, num_devices: int,
+             local_devices: int | None = None) -> None:
+  """Raises ConfigError naming the first invalid key; needs no compilation.
+
+  ``local_devices`` (default: all of ``num_devices``) is one host's device count.
+  """
+  local_devices = local_devices or num_devices
   check_known_keys(config)
   data, model, diff, train = config.data, config.model, config.diffusion, config.train
   _require(data.name in DATASETS, "data.name", data.name, f"must be one of {DATASETS}")
@@ -194,11 +203,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   validate_sweep(config.sweep)
   _require(config.runtime.cpu_devices >= 0, "runtime.cpu_devices", config.runtime.cpu_devices,
            "must be >= 0 (0 = one device per core)")
+  _require(config.runtime.workdir_lease_seconds > 0, "runtime.workdir_lease_seconds",
+           config.runtime.workdir_lease_seconds, "must be > 0 seconds")
   shape = tuple(config.runtime.mesh_shape)
-  data_ok = len(shape) == 2 and shape[1] >= 1 and num_devices % shape[1] == 0 and (
-      shape[0] == -1 or shape[0] * shape[1] == num_devices)
+  fsdp = shape[1] if len(shape) == 2 and shape[1] != 0 else local_devices
+  data_ok = len(shape) == 2 and fsdp >= 1 and num_devices % fsdp == 0 and (
+      shape[0] == -1 or shape[0] * fsdp == num_devices)
   _require(data_ok, "runtime.mesh_shape", shape, f"must be (data, fsdp) with fsdp dividing "
-           f"the device count {num_devices} and data = -1 or data * fsdp = {num_devices}")
+           f"the device count {num_devices} (0 = this host's {local_devices} devices) and "
+           f"data = -1 or data * fsdp = {num_devices}")
 
 
 def _is_finite_number(value: Any) -> bool:

@@ -34,6 +34,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of pr
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Exit status of a training run that saved and stopped on SIGTERM before its last step
+# (EX_TEMPFAIL: "try again"): launch/slurm_gpu.sbatch requeues the job on it.
+EXIT_PREEMPTED = 75
+
 _CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cfgdiff", "jax")
 
 
@@ -70,6 +74,20 @@ def _set_cpu_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = xla_flags.strip()
 
 
+def _cluster_arguments() -> dict:
+  """jax.distributed.initialize arguments: the flags, else JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID from the environment (JAX itself reads JAX_COORDINATOR_ADDRESS); what
+  is still unset, JAX detects (Cloud TPU metadata, SLURM, Open MPI, Kubernetes)."""
+  def from_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+  return dict(coordinator_address=_COORDINATOR.value,
+              num_processes=_NUM_PROCESSES.value if _NUM_PROCESSES.value is not None
+              else from_env("JAX_NUM_PROCESSES"),
+              process_id=_PROCESS_ID.value if _PROCESS_ID.value is not None
+              else from_env("JAX_PROCESS_ID"))
+
+
 def _quiet_orbax_info(record: std_logging.LogRecord) -> bool:
   """Drops Orbax's INFO lines (a dozen per checkpoint save); its warnings still show."""
   return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
@@ -84,26 +102,27 @@ def main(argv: list[str]) -> None:
     _set_cpu_devices(configs.auto_cpu_devices(config, os.cpu_count() or 1))
     import jax  # pylint: disable=g-import-not-at-top
     if _MULTIHOST.value:
-      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                 num_processes=_NUM_PROCESSES.value,
-                                 process_id=_PROCESS_ID.value)
+      jax.distributed.initialize(**_cluster_arguments())
     jax.config.update("jax_compilation_cache_dir",
                       os.environ.get("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-    configs.validate(config, jax.device_count())
+    configs.validate(config, jax.device_count(), jax.local_device_count())
     logging.info("JAX %s on %d %s device(s), %d process(es).", jax.__version__,
                  jax.device_count(), jax.default_backend(), jax.process_count())
 
     # pylint: disable-next=g-import-not-at-top
-    from cfgdiff import checkpoint, data, sampling, sweep, train
+    from cfgdiff import checkpoint, data, sampling, sweep, train, workdir_lock
     try:
       if _MODE.value == "train":
-        train.train(config, _WORKDIR.value)
+        state = train.train(config, _WORKDIR.value)
+        if int(state.step) < config.train.num_steps:
+          # Saved early on SIGTERM: a distinct code lets a launcher requeue the job.
+          sys.exit(EXIT_PREEMPTED)
       else:
         run = sampling.run if _MODE.value == "sample" else sweep.run
         for path in run(config, _WORKDIR.value):
           print(path)
-    except (data.DataError, checkpoint.CheckpointError) as e:
+    except (data.DataError, checkpoint.CheckpointError, workdir_lock.WorkdirBusyError) as e:
       _fail(str(e))
   except configs.ConfigError as e:
     _fail(str(e))

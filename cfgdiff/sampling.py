@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
 
-from cfgdiff import checkpoint, data, files, samplers, train
+from cfgdiff import build, checkpoint, data, files, samplers
 
 
 def jit_sample_fn(model: nn.Module, mesh: Mesh, spec: samplers.SamplerSpec,
@@ -31,7 +31,7 @@ def jit_sample_fn(model: nn.Module, mesh: Mesh, spec: samplers.SamplerSpec,
     eps_fn = lambda z, l, y: model.apply({"params": params}, z, l, y)
     return samplers.sample(eps_fn, keys, labels, w, image_shape, null_label, spec, options)
 
-  split, replicated = NamedSharding(mesh, train.BATCH), NamedSharding(mesh, P())
+  split, replicated = NamedSharding(mesh, build.BATCH), NamedSharding(mesh, P())
   return jax.jit(fn, in_shardings=(replicated, split, split, split, replicated),
                  out_shardings=(split, replicated))
 
@@ -45,9 +45,9 @@ class CheckpointSampler:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
     self.config = config
-    self.mesh = train.make_mesh()
-    self.model = train.make_model(config)
-    target = train.abstract_state(config, self.model, train.make_optimizer(config.train),
+    self.mesh = build.make_mesh()
+    self.model = build.make_model(config)
+    target = build.abstract_state(config, self.model, build.make_optimizer(config.train),
                                   self.mesh)
     state, _ = checkpoint.Checkpointer(workdir, read_only=True).restore(target, step)
     self.params, self.step = state.ema_params, int(state.step)
@@ -86,7 +86,7 @@ class CheckpointSampler:
     options = samplers.GuidanceOptions.create(sc.v, tuple(sc.guidance_interval), sc.rescale,
                                               sc.threshold, sc.clip_x)
     fn, out = self._sample_fn(spec), []
-    split = NamedSharding(self.mesh, train.BATCH)
+    split = NamedSharding(self.mesh, build.BATCH)
     for start in range(0, labels.size, self.batch_size):
       ids = np.arange(start, start + self.batch_size) + first_index
       take = min(self.batch_size, labels.size - start)

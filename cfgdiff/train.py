@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,79 +23,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cfgdiff import checkpoint, configs, data, diffusion, files
+from cfgdiff import build, checkpoint, configs, data, diffusion, files, workdir_lock
 from cfgdiff.models import UNet
 
 Array = jnp.ndarray
 PyTree = Any
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: Array  # int32 scalar: updates attempted so far
-  params: PyTree
-  ema_params: PyTree
-  opt_state: optax.OptState
-  rng: Array  # uint32 [2]: base key; step s uses fold_in(rng, s)
-  num_skipped: Array  # int32 scalar: updates skipped for a non-finite loss or gradient
-
-
-def make_model(config: ml_collections.ConfigDict) -> UNet:
-  m = config.model
-  return UNet(num_classes=config.data.num_classes, ch=m.ch, ch_mult=tuple(m.ch_mult),
-              num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-              head_channels=m.head_channels, num_heads=m.num_heads, dropout=m.dropout,
-              dtype=jnp.dtype(m.dtype))
-
-
-def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with linear warm-up to a constant rate, after global-norm gradient clipping."""
-  lr = train_config.learning_rate
-  if train_config.warmup_steps:
-    lr = optax.linear_schedule(0.0, lr, train_config.warmup_steps)
-  return optax.chain(optax.clip_by_global_norm(train_config.grad_clip),
-                     optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2))
-
-
-# Mesh axes: 'data' replicates parameters; 'fsdp' shards them (and the optimizer state),
-# FSDP/ZeRO-3 style. The batch is split over both, so every device is data-parallel.
-MESH_AXES = ("data", "fsdp")
-BATCH = P(MESH_AXES)
-
-
-def make_mesh(shape: tuple[int, int] = (-1, 1),
-              devices: list[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp) mesh over ``devices`` (all by default); -1 takes the remaining ones."""
-  devices = np.asarray(devices or jax.devices())
-  return Mesh(devices.reshape(shape), MESH_AXES)
-
-
-def leaf_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-  """Shards an array's largest axis that the 'fsdp' axis divides; else replicates it."""
-  fsdp = mesh.shape["fsdp"]
-  axes = [i for i in np.argsort(shape)[::-1] if fsdp > 1 and shape[i] % fsdp == 0]
-  if not axes:
-    return NamedSharding(mesh, P())
-  spec = [None] * len(shape)
-  spec[axes[0]] = "fsdp"
-  return NamedSharding(mesh, P(*spec))
-
-
-def init_state(config: ml_collections.ConfigDict, model: UNet,
-               optimizer: optax.GradientTransformation, rng: Array) -> TrainState:
-  rng_init, rng_train = jax.random.split(rng)
-  size, channels = config.data.image_size, config.data.channels
-  params = model.init(rng_init, jnp.zeros((1, size, size, channels)), jnp.zeros((1,)),
-                      jnp.zeros((1,), jnp.int32))["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params),
-                    opt_state=optimizer.init(params), rng=rng_train,
-                    num_skipped=jnp.zeros((), jnp.int32))
-
-
 def make_train_step(config: ml_collections.ConfigDict, model: UNet,
                     optimizer: optax.GradientTransformation,
-                    mesh: Mesh) -> Callable[[TrainState, dict[str, Array]], tuple]:
+                    mesh: Mesh) -> Callable[[build.TrainState, dict[str, Array]], tuple]:
   """Builds train_step(state, batch) -> (state, metrics) (not yet jitted).
 
   ``batch`` holds 'image' float32 [B,H,W,C] in [-1, 1] and 'label' int32 [B].
@@ -106,7 +42,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   """
   dc, tc = config.diffusion, config.train
   num_micro = tc.batch_size // tc.microbatch_size if tc.microbatch_size else 1
-  micro_sharding = NamedSharding(mesh, P(None, MESH_AXES))
+  micro_sharding = NamedSharding(mesh, P(None, build.MESH_AXES))
 
   def loss_and_grad(params, noised, dropout_rng):
     def loss_fn(p):
@@ -130,7 +66,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
     loss, grads = total
     return jax.tree.map(lambda x: x / num_micro, (loss, grads))
 
-  def train_step(state: TrainState, batch: dict[str, Array]):
+  def train_step(state: build.TrainState, batch: dict[str, Array]):
     rng_noise, rng_dropout = jax.random.split(jax.random.fold_in(state.rng, state.step))
     noised = diffusion.noise_batch(
         rng_noise, batch["image"], batch["label"], p_uncond=dc.p_uncond,
@@ -159,50 +95,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   return train_step
 
 
-def state_shardings(config: ml_collections.ConfigDict, model: UNet,
-                    optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-  """The TrainState's shardings on ``mesh``: replicated when its 'fsdp' axis has size 1,
-  else every parameter, EMA and Adam moment split along its largest divisible axis."""
-  return jax.tree.map(lambda x: x.sharding, abstract_state(config, model, optimizer, mesh))
-
-
 def compile_train_step(config: ml_collections.ConfigDict, model: UNet,
                        optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
-  """`make_train_step` jitted with explicit shardings: the state as `state_shardings`,
+  """`make_train_step` jitted with explicit shardings: the state as `build.state_shardings`,
   the batch split over every device, the state's buffers donated."""
-  state = state_shardings(config, model, optimizer, mesh)
+  state = build.state_shardings(config, model, optimizer, mesh)
   return jax.jit(make_train_step(config, model, optimizer, mesh),
-                 in_shardings=(state, NamedSharding(mesh, BATCH)),
+                 in_shardings=(state, NamedSharding(mesh, build.BATCH)),
                  out_shardings=(state, NamedSharding(mesh, P())), donate_argnums=0)
-
-
-def create_state(config: ml_collections.ConfigDict, model: UNet,
-                 optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-  """A fresh TrainState from config.seed, laid out as `state_shardings`."""
-  init = jax.jit(lambda rng: init_state(config, model, optimizer, rng),
-                 out_shardings=state_shardings(config, model, optimizer, mesh))
-  return init(jax.random.PRNGKey(config.seed))
-
-
-def abstract_state(config: ml_collections.ConfigDict, model: UNet,
-                   optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-  """Shapes, dtypes and shardings (those of `state_shardings`) of the TrainState,
-  computing nothing.
-
-  Restoring into it reads a checkpoint onto this mesh, whatever mesh wrote it.
-  """
-  shapes = jax.eval_shape(lambda rng: init_state(config, model, optimizer, rng),
-                          jax.random.PRNGKey(0))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                     sharding=leaf_sharding(x.shape, mesh)),
-                      shapes)
-
-
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
-  """Assembles the global batch array from this process's slice of it."""
-  sharding = NamedSharding(mesh, BATCH)
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local_batch.items()}
 
 
 def make_source(config: ml_collections.ConfigDict) -> data.ArraySource | data.TfdsSource:
@@ -283,21 +183,59 @@ class PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (or resumes) to config.train.num_steps, checkpointing into WORKDIR/checkpoints."""
+def lock_workdir(config: ml_collections.ConfigDict,
+                 workdir: str) -> workdir_lock.WorkdirLock | None:
+  """Process 0 takes WORKDIR/train.lock and every process learns whether it got it.
+
+  Raises WorkdirBusyError on every process, before anything is written, when another
+  live job holds the workdir. Returns the lock on process 0, None elsewhere.
+  """
+  lock, message = None, ""
+  if jax.process_index() == 0:
+    lock = workdir_lock.WorkdirLock(workdir, config.runtime.workdir_lease_seconds)
+    try:
+      lock.acquire()
+    except workdir_lock.WorkdirBusyError as e:
+      lock, message = None, str(e)
+  if jax.process_count() > 1:
+    busy = multihost_utils.broadcast_one_to_all(np.int32(lock is None))
+  else:
+    busy = lock is None
+  if busy:
+    raise workdir_lock.WorkdirBusyError(
+        message or f"{workdir} is held by another live training job (see process 0's log).")
+  return lock
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
+  """Trains (or resumes) to config.train.num_steps, checkpointing into WORKDIR/checkpoints.
+
+  Returns the final state; its step is below config.train.num_steps when the job was
+  preempted (SIGTERM) and saved early. Refuses, writing nothing, a workdir that another
+  live training job holds (`lock_workdir`).
+  """
+  lock = lock_workdir(config, workdir)
+  try:
+    return _train(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
   # clu's writers import TensorFlow: imported here so the library's math never loads it.
   from clu import metric_writers, periodic_actions
 
   tc = config.train
   check_resumable(config, workdir)
   batcher = make_batcher(config)
-  mesh = make_mesh(tuple(config.runtime.mesh_shape))
-  model, optimizer = make_model(config), make_optimizer(tc)
+  mesh = build.make_mesh(tuple(config.runtime.mesh_shape))
+  model, optimizer = build.make_model(config), build.make_optimizer(tc)
   ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
   if ckpt.latest_step() is None:
-    state = create_state(config, model, optimizer, mesh)
+    state = build.create_state(config, model, optimizer, mesh)
   else:
-    state, position = ckpt.restore(abstract_state(config, model, optimizer, mesh))
+    state, position = ckpt.restore(build.abstract_state(config, model, optimizer, mesh))
     if position["next_step"] != int(state.step):
       raise checkpoint.CheckpointError(
           f"checkpoint {ckpt.latest_step()} is inconsistent: data position "
@@ -318,7 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   window: list[dict[str, Array]] = []
   window_start = time.time()
   for step in range(start, tc.num_steps):
-    state, metrics = step_fn(state, global_batch(batcher.batch(step), mesh))
+    state, metrics = step_fn(state, build.global_batch(batcher.batch(step), mesh))
     window.append(metrics)
     done = step + 1
     report(done)

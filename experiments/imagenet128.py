@@ -52,7 +52,7 @@ def get_config():
   config.sweep.num_steps = 256
   config.sweep.feature_net = "inception"
 
-  # Memory: parameters, EMA and Adam moments sharded over 8 devices (one TPU host or
-  # one 8-GPU node), the batch over all devices.
-  config.runtime.mesh_shape = (-1, 8)
+  # Memory: parameters, EMA and Adam moments sharded over the devices of one host (4
+  # chips on a v4/v5p host, 8 on a v5e host or an 8-GPU node), the batch over all devices.
+  config.runtime.mesh_shape = (-1, 0)
   return config

@@ -10,21 +10,21 @@ import sys
 import jax
 import numpy as np
 
-from cfgdiff import train
+from cfgdiff import build, train
 from tests import tiny_config
 
 
 def main(data_dir: str, out: str, steps: int, fsdp: int) -> None:
   config = tiny_config.get_config()
   config.data.path = data_dir
-  mesh = train.make_mesh((-1, fsdp))
-  model, optimizer = train.make_model(config), train.make_optimizer(config.train)
-  state = train.create_state(config, model, optimizer, mesh)
+  mesh = build.make_mesh((-1, fsdp))
+  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
+  state = build.create_state(config, model, optimizer, mesh)
   step_fn = train.compile_train_step(config, model, optimizer, mesh)
   batcher = train.make_batcher(config)
   losses = []
   for step in range(steps):
-    state, metrics = step_fn(state, train.global_batch(batcher.batch(step), mesh))
+    state, metrics = step_fn(state, build.global_batch(batcher.batch(step), mesh))
     losses.append(float(metrics["loss"]))
   leaves = jax.tree_util.tree_leaves_with_path(
       {"params": state.params, "ema": state.ema_params, "opt": state.opt_state})

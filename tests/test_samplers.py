@@ -134,10 +134,10 @@ def test_guided_mixture_moves_as_the_tilted_density_predicts(w):
 
 @pytest.fixture(scope="module")
 def tiny_unet():
-  from cfgdiff import train
+  from cfgdiff import build
   from tests import tiny_config
   config = tiny_config.get_config()
-  model = train.make_model(config)
+  model = build.make_model(config)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1),
                       jnp.zeros(1, jnp.int32))
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape),

@@ -1,7 +1,9 @@
 """The train step and loop: learning, skipping bad updates, device-count invariance,
 bitwise resume, and refusal of bad input, the last three through the real CLI."""
 
+import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfgdiff import checkpoint, train
+from cfgdiff import build, checkpoint, train
 from tests.conftest import ROOT, TINY_CONFIG, run_cli
 
 
@@ -22,19 +24,19 @@ def compiled(synthetic_data):
   config.data.path = synthetic_data
   config.model.dropout = 0.0
   config.train.ema_decay = 0.99
-  mesh = train.make_mesh()
-  model, optimizer = train.make_model(config), train.make_optimizer(config.train)
+  mesh = build.make_mesh()
+  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
   step_fn = train.compile_train_step(config, model, optimizer, mesh)
   return config, mesh, model, optimizer, step_fn
 
 
 def _train(config, mesh, model, optimizer, step_fn, steps: int):
   """(final state, per-step losses) of ``steps`` steps from a fresh state."""
-  state = train.create_state(config, model, optimizer, mesh)
+  state = build.create_state(config, model, optimizer, mesh)
   batcher = train.make_batcher(config)
   losses = []
   for step in range(steps):
-    state, metrics = step_fn(state, train.global_batch(batcher.batch(step), mesh))
+    state, metrics = step_fn(state, build.global_batch(batcher.batch(step), mesh))
     losses.append(metrics["loss"])
   return state, [float(x) for x in jax.device_get(losses)]
 
@@ -46,7 +48,7 @@ def test_loss_falls(compiled):
   assert last < 0.6 * first, (first, last)
   assert int(state.step) == 150 and int(state.num_skipped) == 0
   # The EMA trails the parameters but has moved away from the initialisation.
-  init = train.create_state(config, model, optimizer, mesh)
+  init = build.create_state(config, model, optimizer, mesh)
   moved = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in
                            zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
   assert moved(state.ema_params, init.params) > 1e-3
@@ -55,10 +57,10 @@ def test_loss_falls(compiled):
 
 def test_non_finite_update_is_skipped_and_counted(compiled):
   config, mesh, model, optimizer, step_fn = compiled
-  state = train.create_state(config, model, optimizer, mesh)
+  state = build.create_state(config, model, optimizer, mesh)
   before = jax.device_get(state)
   bad = {"image": np.full((8, 8, 8, 1), np.nan, np.float32), "label": np.zeros(8, np.int32)}
-  state, metrics = step_fn(state, train.global_batch(bad, mesh))
+  state, metrics = step_fn(state, build.global_batch(bad, mesh))
   assert float(metrics["finite"]) == 0.0
   assert int(state.num_skipped) == 1 and int(state.step) == 1
   for a, b in zip(jax.tree.leaves((before.params, before.ema_params, before.opt_state)),
@@ -108,14 +110,14 @@ def test_fsdp_sharded_step_equals_replicated_step(synthetic_data, tmp_path):
   assert worst < 1e-4, f"largest parameter difference {worst}"
 
 
-def _final_state(workdir: str, step: int, data_dir: str) -> train.TrainState:
+def _final_state(workdir: str, step: int, data_dir: str) -> build.TrainState:
   """Reads a checkpoint written from 2 devices onto this process's 1-device mesh."""
   from tests import tiny_config
   config = tiny_config.get_config()
   config.data.path = data_dir
-  mesh = train.make_mesh()
-  target = train.abstract_state(config, train.make_model(config),
-                                train.make_optimizer(config.train), mesh)
+  mesh = build.make_mesh()
+  target = build.abstract_state(config, build.make_model(config),
+                                build.make_optimizer(config.train), mesh)
   state, position = checkpoint.Checkpointer(workdir).restore(target, step)
   assert position == {"next_step": step}
   return state
@@ -203,15 +205,27 @@ def test_sigterm_saves_at_the_next_step_and_the_relaunch_continues(synthetic_dat
   for line in proc.stderr:  # wait until training is really under way
     lines.append(line)
     if "] [3] " in line:
-      proc.send_signal(signal.SIGTERM)
       break
+  # A second job on the same workdir (a double launch, a requeue racing the old job) is
+  # refused in one line before it writes anything; the live run goes on untouched.
+  lock = pathlib.Path(workdir, "train.lock")
+  holder = json.loads(lock.read_text())
+  second = run_cli(*args[3:], "--config.train.num_steps=100000")
+  assert second.returncode == 2, second.stderr[-3000:]
+  error = second.stderr.strip().splitlines()[-1]
+  assert error.startswith("cfgdiff: error: ") and "being trained by a live job" in error
+  assert f"pid {proc.pid}" in error
+  assert json.loads(lock.read_text())["token"] == holder["token"]
+  proc.send_signal(signal.SIGTERM)
   lines += proc.stderr.readlines()
-  assert proc.wait(timeout=300) == 0, "".join(lines)[-3000:]
+  # Saved and stopped early: exit status 75 (EX_TEMPFAIL) tells a launcher to requeue.
+  assert proc.wait(timeout=300) == 75, "".join(lines)[-3000:]
   log = "".join(lines)
   assert "Preempted (SIGTERM) at step" in log
   stopped = int(log.split("Preempted (SIGTERM) at step ")[1].split(":")[0])
   assert 3 <= stopped < 100000
   assert checkpoint.Checkpointer(workdir).latest_step() == stopped
+  assert not lock.exists(), "a job that ends must release the workdir"
   relaunch = run_cli(*args[3:], f"--config.train.num_steps={stopped + 2}")
   assert relaunch.returncode == 0, relaunch.stderr[-3000:]
   assert f"from step {stopped}" in relaunch.stderr
@@ -224,10 +238,10 @@ def test_bfloat16_compute_trains_with_float32_parameters(synthetic_data):
   config.data.path = synthetic_data
   config.model.dtype = "bfloat16"
   config.model.dropout = 0.0
-  mesh = train.make_mesh()
-  model, optimizer = train.make_model(config), train.make_optimizer(config.train)
+  mesh = build.make_mesh()
+  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
   # The convolutions and matmuls really run in bfloat16.
-  params = train.abstract_state(config, model, optimizer, mesh).params
+  params = build.abstract_state(config, model, optimizer, mesh).params
   jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, jnp.zeros((2, 8, 8, 1)),
                                                    jnp.zeros(2), jnp.zeros(2, jnp.int32)))(
                                                        params))

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfgdiff import configs, train
+from cfgdiff import build, configs
+from cfgdiff.models import unet
 from experiments import get_experiment
 
 
@@ -24,7 +25,7 @@ def _randomized_params(model, shape, seed=0):
 def tiny_model():
   from tests import tiny_config
   config = tiny_config.get_config()
-  model = train.make_model(config)
+  model = build.make_model(config)
   shape = (3, 8, 8, 1)
   return model, _randomized_params(model, shape), shape, config.data.num_classes
 
@@ -63,7 +64,7 @@ def test_logsnr_changes_output(tiny_model):
 def test_experiment_models_build(name, low, high):
   config = get_experiment(name)
   configs.check_known_keys(config)
-  model = train.make_model(config)
+  model = build.make_model(config)
   size, ch = config.data.image_size, config.data.channels
   x = jnp.zeros((2, size, size, ch))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, jnp.zeros(2),
@@ -108,3 +109,14 @@ def test_group_norm_equals_flax_group_norm(shape, groups):
   params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
   assert jax.tree.structure(ours.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(params)
   np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=2e-5)
+
+
+def test_attention_softmax_runs_in_float32_under_bfloat16():
+  """ADM computes the attention softmax in float32 even when the network runs in fp16:
+  every exp in the bf16 attention block must take float32 inputs."""
+  block = unet.AttentionBlock(num_heads=2, dtype=jnp.bfloat16)
+  x = jnp.ones((1, 4, 4, 8), jnp.float32)
+  params = block.init(jax.random.PRNGKey(0), x)
+  jaxpr = jax.make_jaxpr(lambda p: block.apply(p, x))(params)
+  exps = [e for e in jaxpr.eqns if e.primitive.name == "exp"]
+  assert exps and all(e.invars[0].aval.dtype == jnp.float32 for e in exps), exps

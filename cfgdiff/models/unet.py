@@ -120,7 +120,9 @@ class AttentionBlock(nn.Module):
     y = GroupNorm(_num_groups(c), dtype=self.dtype)(x).reshape(b, h * w, c)
     qkv = nn.DenseGeneral((3, self.num_heads, c // self.num_heads), dtype=self.dtype)(y)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    y = nn.dot_product_attention(q, k, v, dtype=self.dtype)  # [B, HW, heads, c/heads]
+    # Softmax in float32 whatever the compute dtype, as ADM's QKVAttention does.
+    y = nn.dot_product_attention(q, k, v, dtype=self.dtype,
+                                 force_fp32_for_softmax=True)  # [B, HW, heads, c/heads]
     y = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=_zeros, dtype=self.dtype)(y)
     return x + y.reshape(b, h, w, c)
 
