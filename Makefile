@@ -12,7 +12,7 @@ CONFIG := experiments/fashion_mnist.py
 TABLE1 ?= workdir/table1
 CLI := $(PY) -m cfgdiff.main --config=$(CONFIG)
 
-.PHONY: setup data train sample sweep run table1 test lint
+.PHONY: setup data train sample sweep run table1 test lint rehearse
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +52,8 @@ test: setup lint
 
 sample: setup
 	$(CLI) --workdir=$(WORKDIR) --mode=sample
+
+# The ImageNet pod and SLURM path end to end on this CPU, with stand-in gcloud/srun
+# (tests/test_rehearsal.py); prints the rehearsal's log. Part of `make test` too.
+rehearse: setup
+	$(PY) -m pytest -m rehearsal -s -q -p no:cacheprovider tests/test_rehearsal.py

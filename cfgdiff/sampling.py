@@ -65,11 +65,40 @@ class CheckpointSampler:
   def sample(self, labels, w, seed: int = 0, sampler: str | None = None,
              num_steps: int | None = None, progress=None,
              first_index: int = 0) -> np.ndarray:
-    """uint8 images [N,H,W,C] for ``labels`` [N] at guidance weight(s) ``w`` (scalar or [N]).
+    """uint8 images [N,H,W,C] for ``labels`` [N] at guidance weight(s) ``w`` (scalar or [N]),
+    the whole set on every process.
 
     Image i uses noise key fold_in(PRNGKey(seed), first_index + i): the same seeds give
     the same starting noise at every w, and a long request can be made in parts.
     """
+    out = []
+    for start, take, x in self._batches(labels, w, seed, sampler, num_steps, first_index):
+      # Every process gets the whole batch (a no-op on one process).
+      out.append(data.to_uint8(multihost_utils.process_allgather(x, tiled=True))[:take])
+      if progress:
+        progress(start + take, np.size(labels))
+    return np.concatenate(out)
+
+  def sample_local(self, labels, w, seed: int = 0, sampler: str | None = None,
+                   num_steps: int | None = None,
+                   first_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Like `sample`, but each process keeps only the images its own devices drew:
+    (uint8 images [n,H,W,C], their positions in ``labels`` int [n]). Over all processes
+    every position appears exactly once; nothing crosses hosts."""
+    images, positions = [], []
+    for start, take, x in self._batches(labels, w, seed, sampler, num_steps, first_index):
+      shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+      rows = np.concatenate([np.arange(s.index[0].start or 0, s.index[0].stop or x.shape[0])
+                             for s in shards])
+      keep = rows < take  # drop the padding of a last, partial batch
+      local = np.concatenate([np.asarray(s.data) for s in shards])
+      images.append(data.to_uint8(local[keep]))
+      positions.append(rows[keep] + start)
+    return np.concatenate(images), np.concatenate(positions)
+
+  def _batches(self, labels, w, seed: int, sampler: str | None, num_steps: int | None,
+               first_index: int):
+    """Yields (start, valid count, sharded images float [batch,H,W,C]) per compiled batch."""
     sc = self.config.sample
     labels = np.asarray(labels, np.int32).reshape(-1)
     w = np.broadcast_to(np.asarray(w, np.float32), labels.shape)
@@ -85,7 +114,7 @@ class CheckpointSampler:
                                 self.config.diffusion.logsnr_max)
     options = samplers.GuidanceOptions.create(sc.v, tuple(sc.guidance_interval), sc.rescale,
                                               sc.threshold, sc.clip_x)
-    fn, out = self._sample_fn(spec), []
+    fn = self._sample_fn(spec)
     split = NamedSharding(self.mesh, build.BATCH)
     for start in range(0, labels.size, self.batch_size):
       ids = np.arange(start, start + self.batch_size) + first_index
@@ -94,11 +123,7 @@ class CheckpointSampler:
       batch = [_global(a, split) for a in (keys, _padded(labels, start, self.batch_size),
                                            _padded(w, start, self.batch_size))]
       x, _ = fn(self.params, *batch, options)
-      # Every process gets the whole batch (a no-op on one process).
-      out.append(data.to_uint8(multihost_utils.process_allgather(x, tiled=True))[:take])
-      if progress:
-        progress(start + take, labels.size)
-    return np.concatenate(out)
+      yield start, take, x
 
 
 def _global(values: np.ndarray, sharding: NamedSharding) -> jax.Array:

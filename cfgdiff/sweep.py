@@ -21,13 +21,22 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from cfgdiff import checkpoint, configs, data, files, sampling
 from cfgdiff.evaluation import evaluator as evaluator_lib
 
-COLUMNS = ("run", "step", "p_uncond", "w", "sampler", "steps", "num_samples", "fid",
-           "fid_floor", "is_mean", "is_std", "precision", "recall", "accuracy")
+# Every setting that changes the samples or the scores is a column and part of a cell's
+# key: a row is never reused for, or tabulated beside, another setting.
+SETTINGS = ("sampler", "steps", "num_samples", "v", "interval_lo", "interval_hi", "rescale",
+            "threshold", "clip_x", "seed", "feature_net")
+COLUMNS = ("run", "step", "p_uncond", "w", *SETTINGS, "fid", "fid_floor", "is_mean",
+           "is_std", "precision", "recall", "accuracy")
+# How many times a sweep re-reads the newest step when the one it chose was deleted by
+# the training job (keep_checkpoints) before it could be restored.
+RESTORE_ATTEMPTS = 5
 GRID_PER_CLASS = 8
+GRID_CLASSES = 10  # the sample grid shows the first classes only (ImageNet has 1000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +71,42 @@ def read_results(path: str) -> list[dict]:
 
 def _write_results(path: str, rows: list[dict]) -> None:
   buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+  # Rows of an older sweep lack the newer setting columns: left empty, never matched.
+  writer = csv.DictWriter(buffer, fieldnames=COLUMNS, restval="", extrasaction="ignore")
   writer.writeheader()
   writer.writerows(rows)
   files.write_atomic(path, buffer.getvalue())
 
 
+def settings(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The sweep's sample- and score-changing settings, as they are written to the CSV."""
+  sw, sc = config.sweep, config.sample
+  feature_net = sw.feature_net
+  if feature_net == "inception":
+    feature_net += ":" + (sw.inception_weights.rstrip("/").split("/")[-1] or "default")
+  values = dict(sampler=sw.sampler, steps=sw.num_steps, num_samples=sw.num_samples, v=sc.v,
+                interval_lo=sc.guidance_interval[0], interval_hi=sc.guidance_interval[1],
+                rescale=sc.rescale, threshold=sc.threshold, clip_x=bool(sc.clip_x),
+                seed=config.seed, feature_net=feature_net)
+  return {k: _canonical(v) for k, v in values.items()}
+
+
+def _canonical(value) -> str:
+  """One spelling per value, so a CSV read back matches the config it came from."""
+  if isinstance(value, bool) or value in ("True", "False"):
+    return str(value == "True" if isinstance(value, str) else value)
+  try:
+    return repr(float(value))
+  except (TypeError, ValueError):
+    return str(value)
+
+
+def _setting_key(row: dict) -> tuple:
+  return tuple(_canonical(row.get(k) or "") for k in SETTINGS)
+
+
 def _cell_key(row: dict) -> tuple:
-  return (row["run"], int(row["step"]), float(row["w"]), row["sampler"], int(row["steps"]),
-          int(row["num_samples"]))
+  return (row["run"], int(row["step"]), float(row["w"])) + _setting_key(row)
 
 
 def _fmt(value: float, digits: int = 2) -> str:
@@ -87,6 +123,20 @@ def _latest_rows(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
 
 
 def results_markdown(rows: list[dict], floor: dict) -> str:
+  """One section per distinct setting (sampler, steps, v, ... feature net), each in the
+  paper's Table 1 layout; rows of different settings are never in one table."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    groups.setdefault(_setting_key(row), []).append(row)
+  sections = []
+  for key, group in groups.items():
+    described = ", ".join(f"{k}={v}" for k, v in zip(SETTINGS, key, strict=True) if v)
+    sections.append((f"### Setting: {described}\n\n" if len(groups) > 1 else "")
+                    + _table_markdown(group, floor))
+  return "\n".join(sections)
+
+
+def _table_markdown(rows: list[dict], floor: dict) -> str:
   """The paper's Table 1 layout: rows w, one column per p_uncond, for FID and for IS
   (the latest step of each run), then precision, recall and class accuracy."""
   rows, latest = _latest_rows(rows)
@@ -145,33 +195,76 @@ def plot_tradeoff(rows: list[dict], path: str) -> None:
   files.write_atomic(path, buffer.getvalue())
 
 
-def _checkpoint_sampler(run: Run, step: int,
-                        config: ml_collections.ConfigDict) -> sampling.CheckpointSampler:
-  """The run's model at ``step``, sampled with this sweep's config.sample options."""
+def _agreed(value: int) -> int:
+  """Process 0's ``value`` on every process (hosts listing a bucket can disagree)."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def latest_step(run: Run) -> int | None:
+  """The run's newest checkpoint step now, the same on every process."""
+  step = checkpoint.Checkpointer(run.path, read_only=True).latest_step() if (
+      jax.process_index() == 0) else None
+  step = _agreed(-1 if step is None else step)
+  return None if step < 0 else step
+
+
+def restore_newest(run: Run, config: ml_collections.ConfigDict) -> sampling.CheckpointSampler:
+  """The run's newest checkpoint, sampled with this sweep's config.sample options.
+
+  Beside a live training job the chosen step can be deleted (train.keep_checkpoints)
+  between listing and reading it; then the newest step is listed again and read.
+  """
   run_config = run.config.copy_and_resolve_references()
   run_config.sample = config.sample
-  return sampling.CheckpointSampler(run_config, run.path, step)
+  for attempt in range(RESTORE_ATTEMPTS):
+    step = latest_step(run)
+    if step is None:
+      raise checkpoint.CheckpointError(f"no checkpoint in {run.path}/checkpoints.")
+    try:
+      sampler, error = sampling.CheckpointSampler(run_config, run.path, step), None
+    except checkpoint.CheckpointError as e:
+      sampler, error = None, e
+    failed = np.int32(error is not None)
+    if jax.process_count() > 1:
+      failed = np.max(multihost_utils.process_allgather(failed))
+    if not failed:
+      return sampler
+    if latest_step(run) == step or attempt == RESTORE_ATTEMPTS - 1:
+      raise error or checkpoint.CheckpointError(
+          f"checkpoint {step} of {run.path} could not be read on another process.")
+    logging.info("Sweep: %s step %d was deleted by training before it was read; "
+                 "taking the newest step instead.", run.name, step)
+  raise AssertionError("unreachable")
 
 
 def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
                    config: ml_collections.ConfigDict, evaluator: evaluator_lib.Evaluator,
                    out_dir: str, eta) -> dict:
+  """Samples sweep.num_samples images at ``w`` and scores them. Each process scores the
+  images its own devices drew; the evaluator reduces the statistics across processes."""
   sw, run_config = config.sweep, sampler.config
   labels = sweep_labels(sw.num_samples, run_config.data.num_classes)
   accumulator = evaluator.accumulator()
   chunk = max(sampler.batch_size, (1000 // sampler.batch_size) * sampler.batch_size)
-  grid_images = []
+  grid_size = GRID_PER_CLASS * min(run_config.data.num_classes, GRID_CLASSES)
+  grid = None
   for start in range(0, len(labels), chunk):
     part = labels[start:start + chunk]
     # Image i's noise is keyed by (seed, i) whatever the chunk: same seeds at every w.
-    images = sampler.sample(part, w, seed=config.seed, sampler=sw.sampler,
-                            num_steps=sw.num_steps, first_index=start)
-    accumulator.update(images, part)
-    if len(grid_images) * chunk < GRID_PER_CLASS * run_config.data.num_classes:
-      grid_images.append(images)
+    kwargs = dict(seed=config.seed, sampler=sw.sampler, num_steps=sw.num_steps,
+                  first_index=start)
+    if grid is None:  # the first chunk whole on every process, for the picture
+      images = sampler.sample(part, w, **kwargs)
+      grid = images[:grid_size]
+      mine = np.arange(len(part)) % jax.process_count() == jax.process_index()
+      accumulator.update(images[mine], part[mine])
+    else:
+      images, positions = sampler.sample_local(part, w, **kwargs)
+      accumulator.update(images, part[positions])
     eta(len(part))
   scores = accumulator.result()
-  grid = np.concatenate(grid_images)[:GRID_PER_CLASS * run_config.data.num_classes]
   names = (list(data.FASHION_MNIST_CLASSES) if run_config.data.name == "fashion_mnist"
            else None)
   if jax.process_index() == 0:
@@ -179,7 +272,7 @@ def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
                                     stem=f"{run.name}_w{w}")
     logging.info("Wrote %s", png)
   return dict(run=run.name, step=sampler.step, p_uncond=run_config.diffusion.p_uncond, w=w,
-              sampler=sw.sampler, steps=sw.num_steps, num_samples=sw.num_samples, **scores)
+              **settings(config), **scores)
 
 
 class _Progress:
@@ -195,25 +288,22 @@ class _Progress:
                  self.done / elapsed, elapsed / self.done * (self.total - self.done))
 
 
-def _missing_cells(runs: list[Run], latest: dict[str, int | None], done: set,
-                   sw: ml_collections.ConfigDict) -> list[tuple]:
-  """(run, latest checkpoint step, w) for every cell not yet in results.csv."""
-  todo = []
-  for r in runs:
-    step = latest[r.name]
-    for w in sw.guidance_weights:
-      key = (r.name, step, float(w), sw.sampler, sw.num_steps, sw.num_samples)
-      if step is not None and key not in done:
-        todo.append((r, step, float(w)))
-  return todo
-
-
-def _latest_steps(runs: list[Run]) -> dict[str, int | None]:
-  return {r.name: checkpoint.Checkpointer(r.path, read_only=True).latest_step() for r in runs}
+def _missing_weights(run: Run, step: int | None, done: set,
+                     config: ml_collections.ConfigDict) -> list[float]:
+  """The weights of config.sweep.guidance_weights not yet in results.csv at ``step``."""
+  if step is None:
+    return []
+  key = tuple(settings(config).values())
+  return [float(w) for w in config.sweep.guidance_weights
+          if (run.name, step, float(w)) + key not in done]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Evaluates every missing (run, latest step, w) cell; returns the written files."""
+  """Evaluates every missing (run, newest step, w) cell; returns the written files.
+
+  With sweep.poll_seconds > 0 it keeps polling until every run's final step
+  (train.num_steps) is evaluated: an evaluation job beside live training jobs.
+  """
   sw = config.sweep
   out_dir = files.path(workdir) / "sweep"
   results_csv = str(out_dir / "results.csv")
@@ -224,26 +314,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       raise checkpoint.CheckpointError(
           f"no training run under {workdir}: a run is a directory with checkpoints/ and "
           "config.json, written by --mode=train.")
-    # One snapshot: if it shows training finished, its cells include the final checkpoint.
-    latest = _latest_steps(runs)
-    finished = bool(runs) and all(latest[r.name] == r.config.train.num_steps for r in runs)
     rows = read_results(results_csv)
-    todo = _missing_cells(runs, latest, {_cell_key(r) for r in rows}, sw)
-    if todo:
+    done = {_cell_key(r) for r in rows if r.get("fid") not in (None, "")}
+    finished = bool(runs)
+    for r in runs:
+      # Steps are listed now and restored at once: training deletes old ones meanwhile.
+      newest = latest_step(r)
+      if not _missing_weights(r, newest, done, config):
+        finished &= newest == r.config.train.num_steps
+        continue
+      sampler = restore_newest(r, config)
+      todo = _missing_weights(r, sampler.step, done, config)
+      finished &= sampler.step == r.config.train.num_steps
       evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
       progress = _Progress(len(todo) * sw.num_samples)
-      logging.info("Sweep: %d cells to evaluate (%d already done), %d samples each.",
-                   len(todo), len(rows), sw.num_samples)
-      # Cells come run by run: one restore and one compile per run, shared by every w.
-      loaded, sampler = None, None
-      for r, step, w in todo:
-        if loaded != (r.name, step):
-          loaded, sampler = (r.name, step), _checkpoint_sampler(r, step, config)
+      logging.info("Sweep: %s step %d: %d cells to evaluate (%d already done), %d samples "
+                   "each.", r.name, sampler.step, len(todo), len(rows), sw.num_samples)
+      for w in todo:
         row = _evaluate_cell(r, sampler, w, config, evaluator, out_dir, progress)
-        logging.info("%s step %d w=%g: %s", r.name, step, w,
+        logging.info("%s step %d w=%g: %s", r.name, sampler.step, w,
                      {k: row[k] for k in ("fid", "is_mean", "precision", "recall", "accuracy")})
-        rows.append({k: row[k] for k in COLUMNS if k != "fid_floor"}
-                    | {"fid_floor": evaluator.floor["fid"]})
+        rows.append(row | {"fid_floor": evaluator.floor["fid"]})
+        done.add(_cell_key({k: str(v) for k, v in row.items()}))
         if jax.process_index() == 0:
           _write_results(results_csv, rows)
     if not sw.poll_seconds or finished:
@@ -256,7 +348,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   paths = [str(out_dir / name) for name in ("results.md", "tradeoff.png")]
   if jax.process_index() == 0:
     files.write_atomic(paths[0], table)
-    plot_tradeoff(rows, paths[1])
+    current = tuple(settings(config).values())
+    plot_tradeoff([r for r in rows if _setting_key(r) == current], paths[1])
   print(table)
   grids = [out_dir / f"{r.name}_w{float(w)}.png" for r in runs for w in sw.guidance_weights]
   return [results_csv] + paths + [str(g) for g in grids if g.exists()]

@@ -1,28 +1,63 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM slice: the same command runs on every worker, and
-# jax.distributed.initialize() (--multihost) discovers the slice by itself.
+# Runs cfgdiff on every worker of a Cloud TPU VM slice, detached from this ssh session.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE gs://BUCKET/workdir [experiments/imagenet64.py] [--config.KEY=V ...]
+#   launch/tpu_pod.sh TPU_NAME ZONE WORKDIR [CONFIG] [--mode=sweep] [--config.KEY=V ...]
 #
-# Assumes the repository is cloned at ~/cfgdiff on every worker (the first command does it
-# from CFGDIFF_REPO when set) and that the workdir is on GCS, visible to all workers.
-# Table 1 is three such runs (--config.diffusion.p_uncond=0.1, 0.2, 0.5, each with its own
-# workdir under one parent), then on a second slice, beside them:
+# On each worker it (1) clones the repository into ~/cfgdiff from CFGDIFF_REPO (or
+# updates it to CFGDIFF_REF), (2) runs launch/setup_worker.sh (Python >= 3.11, .venv,
+# cfgdiff and jax[tpu]), (3) starts `python -m cfgdiff.main --multihost ...` under
+# launch/detached.sh, so a dropped connection does not stop it; jax.distributed finds the
+# slice's other workers by itself. WORKDIR must be on GCS (gs://...), seen by all workers.
+#
+# Follow a job, wait for it, or stop it (NAME is 'train' or 'sweep', from --mode):
+#   gcloud compute tpus tpu-vm ssh TPU_NAME --zone ZONE --worker=0 \
+#       --command 'tail -f ~/cfgdiff_jobs/train/log'
+#   CFGDIFF_WAIT=1 launch/tpu_pod.sh ...      waits and exits with worker 0's status
+#
+# Preemption / maintenance: the workers get SIGTERM; cfgdiff saves at the next step and
+# exits 75. Run the same command again to resume (or use a queued resource). A second
+# training job on a workdir whose first job is still alive is refused (WORKDIR/train.lock).
+#
+# Table 1: three training runs (--config.diffusion.p_uncond=0.1/0.2/0.5, workdirs
+# gs://BUCKET/table1/p_uncond_0.1 ...) and, on a second slice, one evaluation job that
+# polls them all and writes FID and IS rows as checkpoints appear:
 #   launch/tpu_pod.sh EVAL_TPU ZONE gs://BUCKET/table1 experiments/imagenet64.py \
 #       --mode=sweep --config.sweep.poll_seconds=1800
-# Maintenance events send SIGTERM: cfgdiff saves at the next step and exits; run the same
-# command again (or use a queued resource) to continue.
+#
+# Environment: CFGDIFF_REPO (git URL to clone), CFGDIFF_REF (branch/commit, optional),
+# CFGDIFF_JAX (default 'jax[tpu]'), CFGDIFF_VENV (a prepared environment, optional),
+# CFGDIFF_WAIT=1 (wait for the job).
 set -euo pipefail
+if (( $# < 3 )); then
+  sed -n '2,9p' "$0" >&2
+  exit 2
+fi
 TPU_NAME=$1 ZONE=$2 WORKDIR=$3
 CONFIG=${4:-experiments/imagenet64.py}
 shift $(( $# < 4 ? $# : 4 ))
-EXTRA="$*"
+JOB=train
+for arg in "$@"; do
+  case "$arg" in --mode=*) JOB=${arg#--mode=} ;; esac
+done
+quoted_args=$(printf ' %q' "$@")
+
 run_all() {
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"
 }
+
 if [[ -n "${CFGDIFF_REPO:-}" ]]; then
-  run_all "[ -d ~/cfgdiff ] || git clone $CFGDIFF_REPO ~/cfgdiff"
+  run_all "[ -d ~/cfgdiff/.git ] || git clone -q $(printf %q "$CFGDIFF_REPO") ~/cfgdiff"
 fi
-run_all "cd ~/cfgdiff && python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]'"
-run_all "cd ~/cfgdiff && .venv/bin/python -m cfgdiff.main --multihost --config=$CONFIG \
-  --workdir=$WORKDIR $EXTRA"
+if [[ -n "${CFGDIFF_REF:-}" ]]; then
+  run_all "cd ~/cfgdiff && git fetch -q origin && git checkout -q $(printf %q "$CFGDIFF_REF")"
+fi
+run_all "cd ~/cfgdiff && CFGDIFF_VENV=$(printf %q "${CFGDIFF_VENV:-}") \
+  launch/setup_worker.sh $(printf %q "${CFGDIFF_JAX:-jax[tpu]}")"
+run_all "cd ~/cfgdiff && launch/detached.sh start $JOB .venv/bin/python -m cfgdiff.main \
+  --multihost --config=$(printf %q "$CONFIG") --workdir=$(printf %q "$WORKDIR")$quoted_args"
+echo "tpu_pod: $JOB started on every worker of $TPU_NAME; log on each: ~/cfgdiff_jobs/$JOB/log"
+
+if [[ -n "${CFGDIFF_WAIT:-}" ]]; then
+  # Every worker waits for its own process; the slice's status is the worst of them.
+  run_all "~/cfgdiff/launch/detached.sh wait $JOB"
+fi

@@ -14,6 +14,12 @@ import pytest
 
 from cfgdiff import data
 
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "rehearsal: the end-to-end ImageNet pod/SLURM rehearsal "
+                          "(make rehearse runs these alone; CI runs them with the rest)")
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
 
@@ -89,9 +95,10 @@ def start_cli_processes(num_processes: int, *args: str, log_dir: str) -> list[su
   return procs
 
 
-def wait_cli_processes(procs: list[subprocess.Popen], log_dir: str,
-                       timeout: int = 600) -> list[str]:
-  """Waits for processes from `start_cli_processes`; returns their consoles (stderr)."""
+def wait_cli_processes(procs: list[subprocess.Popen], log_dir: str, timeout: int = 600,
+                       expected_code: int = 0) -> list[str]:
+  """Waits for processes from `start_cli_processes`; checks every exit status is
+  ``expected_code``; returns their consoles (stderr)."""
   try:
     for proc in procs:
       proc.wait(timeout=timeout)
@@ -103,7 +110,8 @@ def wait_cli_processes(procs: list[subprocess.Popen], log_dir: str,
   for i, proc in enumerate(procs):
     with open(os.path.join(log_dir, f"process_{i}.log")) as f:
       logs.append(f.read())
-    assert proc.returncode == 0, f"process {i} failed:\n{logs[-1][-3000:]}"
+    assert proc.returncode == expected_code, f"process {i} exited {proc.returncode}:\n" + (
+        logs[-1][-3000:])
   return logs
 
 

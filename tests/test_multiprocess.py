@@ -82,7 +82,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(synthetic_data, tmp_
     assert time.time() < deadline and procs[0].poll() is None, "training did not start"
     time.sleep(0.5)
   procs[1].send_signal(signal.SIGTERM)
-  logs = wait_cli_processes(procs, log_dir, timeout=300)
+  logs = wait_cli_processes(procs, log_dir, timeout=300, expected_code=75)  # preempted
   stopped = [int(log.split("Preempted (SIGTERM) at step ")[1].split(":")[0]) for log in logs]
   assert stopped[0] == stopped[1] and 3 <= stopped[0] < 100000, stopped
   assert checkpoint.Checkpointer(workdir).latest_step() == stopped[0]
