@@ -88,17 +88,16 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, str]:
                 interval_lo=sc.guidance_interval[0], interval_hi=sc.guidance_interval[1],
                 rescale=sc.rescale, threshold=sc.threshold, clip_x=bool(sc.clip_x),
                 seed=config.seed, feature_net=feature_net)
-  return {k: _canonical(v) for k, v in values.items()}
+  return {k: str(v) for k, v in values.items()}
 
 
-def _canonical(value) -> str:
-  """One spelling per value, so a CSV read back matches the config it came from."""
-  if isinstance(value, bool) or value in ("True", "False"):
-    return str(value == "True" if isinstance(value, str) else value)
+def _canonical(value: str) -> str:
+  """One spelling per value ('4', '4.0' -> '4.0'), so a CSV row read back matches the
+  config it came from."""
   try:
     return repr(float(value))
-  except (TypeError, ValueError):
-    return str(value)
+  except ValueError:
+    return value
 
 
 def _setting_key(row: dict) -> tuple:
@@ -293,7 +292,7 @@ def _missing_weights(run: Run, step: int | None, done: set,
   """The weights of config.sweep.guidance_weights not yet in results.csv at ``step``."""
   if step is None:
     return []
-  key = tuple(settings(config).values())
+  key = tuple(_canonical(v) for v in settings(config).values())
   return [float(w) for w in config.sweep.guidance_weights
           if (run.name, step, float(w)) + key not in done]
 
@@ -348,7 +347,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   paths = [str(out_dir / name) for name in ("results.md", "tradeoff.png")]
   if jax.process_index() == 0:
     files.write_atomic(paths[0], table)
-    current = tuple(settings(config).values())
+    current = tuple(_canonical(v) for v in settings(config).values())
     plot_tradeoff([r for r in rows if _setting_key(r) == current], paths[1])
   print(table)
   grids = [out_dir / f"{r.name}_w{float(w)}.png" for r in runs for w in sw.guidance_weights]

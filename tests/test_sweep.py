@@ -100,3 +100,34 @@ def test_polling_sweep_evaluates_new_checkpoints_until_training_ends(synthetic_d
                                                                    "results.csv"))]
   assert steps[-1] == 60 and steps == sorted(steps), steps
   assert "waiting 2 s for new checkpoints" in sweeper.stderr or len(steps) == 1
+
+
+def test_every_sample_setting_is_part_of_a_cell_and_tables_never_mix_settings():
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  config.sweep.guidance_weights = (0.0, 1.0)
+  run = sweep.Run("p_uncond_0.1", "unused", config)
+  scores = dict(fid="5.0", fid_floor="1.0", is_mean="2.0", is_std="0.1", precision="0.5",
+                recall="0.5", accuracy="0.7")
+  rows = [dict(run=run.name, step="7", p_uncond="0.1", w=str(w), **sweep.settings(config),
+               **scores) for w in (0.0, 1.0)]
+  # Round trip through the CSV, as a resumed sweep reads it.
+  done = {sweep._cell_key(r) for r in rows}
+  assert sweep._missing_weights(run, 7, done, config) == []
+  assert sweep._missing_weights(run, 8, done, config) == [0.0, 1.0]
+  for key, value in (("v", 0.5), ("rescale", 0.7), ("threshold", 0.99), ("clip_x", False),
+                     ("guidance_interval", (-5.0, 5.0))):
+    changed = config.copy_and_resolve_references()
+    changed.sample[key] = value
+    assert sweep._missing_weights(run, 7, done, changed) == [0.0, 1.0], key
+  for key, value in (("seed", 1),):
+    changed = config.copy_and_resolve_references()
+    changed[key] = value
+    assert sweep._missing_weights(run, 7, done, changed) == [0.0, 1.0], key
+  changed = config.copy_and_resolve_references()
+  changed.sample.v = 0.5
+  rows += [dict(r, **sweep.settings(changed)) for r in rows]
+  table = sweep.results_markdown(rows, {k: 1.0 for k in ("fid", "is_mean", "precision",
+                                                          "recall", "accuracy")})
+  assert table.count("### Setting:") == 2 and "v=0.5" in table and "v=0.3" in table
+  assert table.count("| 1 | 5.00 |") == 2, table  # one w=1 row per setting's FID table
