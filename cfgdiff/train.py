@@ -123,12 +123,25 @@ def make_source(config: ml_collections.ConfigDict) -> data.ArraySource | data.Tf
 
 def make_batcher(config: ml_collections.ConfigDict) -> data.Batcher:
   return data.Batcher(make_source(config), config.train.batch_size, config.seed,
-                      jax.process_index(), jax.process_count())
+                      jax.process_index(), jax.process_count(),
+                      random_flip=config.data.random_flip)
+
+
+def make_pipeline(config: ml_collections.ConfigDict, start_step: int) -> data.Pipeline:
+  """This process's batches from ``start_step`` on, made ahead by config.data.num_workers
+  worker processes (the same batches for any number of workers or processes)."""
+  return data.make_pipeline(make_source(config), config.train.batch_size, config.seed,
+                            start_step=start_step, process_index=jax.process_index(),
+                            process_count=jax.process_count(),
+                            num_workers=config.data.num_workers,
+                            random_flip=config.data.random_flip)
 
 
 _CONFIG_FILE = "config.json"
-# Keys that must not change when a run resumes: they change what the checkpoint means.
+# Keys that must not change when a run resumes: they change what the checkpoint means
+# (where the data lives and how many processes decode it do not).
 _FROZEN_SECTIONS = ("data", "model", "diffusion")
+_RESUMABLE_KEYS = ("data.path", "data.num_workers")
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -138,13 +151,15 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   if path.exists():
     with path.open() as f:
       saved = json.load(f)
+    # A key added since the run started counts as its default (what the run used).
+    defaults = json.loads(configs.default_config().to_json_best_effort())
     for section in _FROZEN_SECTIONS:
       for key, value in current[section].items():
-        if key != "path" and saved.get(section, {}).get(key) != value:
+        was = saved.get(section, {}).get(key, defaults[section][key])
+        if f"{section}.{key}" not in _RESUMABLE_KEYS and was != value:
           raise checkpoint.CheckpointError(
-              f"{workdir} was trained with config.{section}.{key}="
-              f"{saved.get(section, {}).get(key)!r}, not {value!r}; resume with the original "
-              "value or use a new --workdir.")
+              f"{workdir} was trained with config.{section}.{key}={was!r}, not {value!r}; "
+              "resume with the original value or use a new --workdir.")
   if jax.process_index() == 0:
     files.write_atomic(path, json.dumps(current, indent=2))
 
@@ -228,7 +243,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
 
   tc = config.train
   check_resumable(config, workdir)
-  batcher = make_batcher(config)
+  make_source(config)  # bad data is refused before anything compiles
   mesh = build.make_mesh(tuple(config.runtime.mesh_shape))
   model, optimizer = build.make_model(config), build.make_optimizer(tc)
   ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
@@ -236,6 +251,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
     state = build.create_state(config, model, optimizer, mesh)
   else:
     state, position = ckpt.restore(build.abstract_state(config, model, optimizer, mesh))
+    # The input pipeline's saved state is its next step, which must be the train step's.
     if position["next_step"] != int(state.step):
       raise checkpoint.CheckpointError(
           f"checkpoint {ckpt.latest_step()} is inconsistent: data position "
@@ -253,10 +269,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
                tc.num_steps, start, jax.device_count(), tc.batch_size)
 
   preemption = PreemptionFlag()
+  with make_pipeline(config, start) as pipeline:
+    state = _loop(config, state, step_fn, pipeline, mesh, ckpt, writer, report, preemption)
+  preemption.restore()
+  ckpt.wait()
+  writer.flush()
+  ckpt.close()
+  return state
+
+
+def _loop(config, state, step_fn, pipeline, mesh, ckpt, writer, report, preemption):
+  """Steps from ``state.step`` to train.num_steps, or to the step a SIGTERM stops at."""
+  tc = config.train
   window: list[dict[str, Array]] = []
   window_start = time.time()
-  for step in range(start, tc.num_steps):
-    state, metrics = step_fn(state, build.global_batch(batcher.batch(step), mesh))
+  for step in range(int(state.step), tc.num_steps):
+    state, metrics = step_fn(state, build.global_batch(next(pipeline), mesh))
     window.append(metrics)
     done = step + 1
     report(done)
@@ -268,15 +296,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
       window, window_start = [], time.time()
     preempted = preemption.should_stop(done)
     if done % tc.checkpoint_every_steps == 0 or done == tc.num_steps or preempted:
-      ckpt.save(done, state, {"next_step": done})
+      ckpt.save(done, state, pipeline.get_state())
     if preempted:
       logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; run the same "
                       "command again to continue.", done)
       break
-  preemption.restore()
-  ckpt.wait()
-  writer.flush()
-  ckpt.close()
   return state
 
 

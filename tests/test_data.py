@@ -1,7 +1,9 @@
 """IDX reading, the real Fashion-MNIST files, and deterministic per-process batching."""
 
 import gzip
+import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -74,3 +76,108 @@ def test_processes_read_disjoint_slices_of_the_global_batch():
     whole = _batcher().batch(step)["label"]
     parts = [_batcher(process_index=i, process_count=2).batch(step)["label"] for i in range(2)]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def _images(n: int = 100) -> data.ArraySource:
+  """Example i: a 2x3 image whose pixel values encode i and the column, so a flip shows."""
+  images = np.zeros((n, 2, 3, 1), np.uint8)
+  images[:, :, :, 0] = (np.arange(n)[:, None, None] % 50) * 5 + np.arange(3)[None, None, :]
+  return data.ArraySource(images, np.arange(n, dtype=np.int32))
+
+
+def test_random_flips_are_half_and_mirror_the_example():
+  source = _images()
+  flips, plain = (data.Batcher(source, 10, seed=4, random_flip=f) for f in (True, False))
+  mirrored = []
+  for step in range(40):
+    a, b = flips.batch(step), plain.batch(step)
+    np.testing.assert_array_equal(a["label"], b["label"])
+    flipped = np.any(a["image"] != b["image"], axis=(1, 2, 3))
+    np.testing.assert_array_equal(flipped, flips.flips(step))
+    np.testing.assert_array_equal(a["image"][flipped], b["image"][flipped][:, :, ::-1])
+    np.testing.assert_array_equal(a["image"][~flipped], b["image"][~flipped])
+    mirrored.append(flipped)
+  fraction = np.mean(mirrored)
+  assert 0.4 < fraction < 0.6, fraction  # 400 draws: 4 standard deviations either side
+  assert not plain.flips(3).any()
+
+
+def _pipeline(**kw):
+  return data.make_pipeline(_images(), **dict(dict(global_batch_size=10, seed=7,
+                                                   random_flip=True), **kw))
+
+
+def test_flips_and_order_are_the_same_under_two_processes_and_after_a_resume():
+  with _pipeline() as it:
+    whole = [next(it) for _ in range(12)]
+  for step in (0, 3, 11):
+    parts = []
+    for i in range(2):
+      with _pipeline(start_step=step, process_index=i, process_count=2) as it:
+        parts.append(next(it))
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[step][key])
+  with _pipeline() as it:
+    for _ in range(5):
+      next(it)
+    state = it.get_state()
+  assert state == {"next_step": 5} and json.loads(json.dumps(state)) == state
+  with _pipeline(start_step=state["next_step"]) as it:
+    for expected in whole[5:]:
+      np.testing.assert_array_equal(next(it)["image"], expected["image"])
+    it.set_state({"next_step": 2})
+    np.testing.assert_array_equal(next(it)["image"], whole[2]["image"])
+    assert it.get_state() == {"next_step": 3}
+  assert not np.array_equal(_pipeline(seed=8).__next__()["image"], whole[0]["image"])
+
+
+def test_worker_processes_give_the_in_process_batches():
+  """grain workers (spawned processes), from step 0 and from a saved state: exactly the
+  batches of the in-process pipeline, in order."""
+  with _pipeline() as it:
+    reference = [next(it) for _ in range(14)]  # 10 steps per epoch: crosses an epoch
+  with _pipeline(num_workers=2, prefetch=1) as it:
+    got = [next(it) for _ in range(6)]
+    state = it.get_state()
+  assert state == {"next_step": 6}
+  with _pipeline(num_workers=2, start_step=state["next_step"]) as it:
+    got_resumed = [next(it) for _ in range(8)]
+  for batches, start in ((got, 0), (got_resumed, 6)):
+    for offset, batch in enumerate(batches):
+      assert type(batch["image"]) is np.ndarray  # copied out of grain's shared memory
+      for key in ("image", "label"):
+        np.testing.assert_array_equal(batch[key], reference[start + offset][key])
+
+
+class _FailingSource(data.ArraySource):
+  def read(self, indices):
+    if 13 in indices:
+      raise data.DataError("example 13 is damaged")
+    return super().read(indices)
+
+
+def test_a_worker_error_reaches_the_training_loop():
+  source = _images()
+  failing = _FailingSource(source.images, source.labels)
+  for workers in (0, 1):
+    with data.make_pipeline(failing, 10, seed=7, num_workers=workers) as it:
+      with pytest.raises(data.DataError, match="example 13 is damaged"):
+        for _ in range(10):
+          next(it)
+
+
+def test_pipeline_arguments_are_checked():
+  with pytest.raises(data.DataError, match="does not split evenly over 3 processes"):
+    _pipeline(process_count=3)
+  with pytest.raises(ValueError, match="num_workers=-1"):
+    _pipeline(num_workers=-1)
+
+
+def test_negative_worker_count_is_refused():
+  from cfgdiff import configs
+  config = configs.default_config()
+  configs.validate(config, num_devices=1)
+  config.data.num_workers = -1
+  with pytest.raises(configs.ConfigError, match=re.escape(
+      "config.data.num_workers=-1 is invalid: must be an integer >= 0")):
+    configs.validate(config, num_devices=1)

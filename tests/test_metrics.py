@@ -55,6 +55,24 @@ def test_streaming_statistics_equal_one_shot(tmp_path):
   assert loaded.count == 1000 and metrics.fid(stats, loaded) == pytest.approx(0, abs=1e-6)
 
 
+def test_combined_statistics_equal_those_of_all_features():
+  rng = np.random.default_rng(3)
+  features = (rng.normal(size=(500, 8)) * 30 + 200).astype(np.float32)
+  whole = metrics.GaussianStats(8)
+  whole.update(features)
+  parts = []
+  for chunk in np.split(features, [0, 120, 121, 400]):  # one part empty, one of one row
+    parts.append(metrics.GaussianStats(8))
+    parts[-1].update(chunk)
+  combined = metrics.GaussianStats.combine(parts)
+  assert combined.count == 500 and combined is not parts[0]
+  np.testing.assert_allclose(combined.mean, whole.mean, rtol=1e-13)
+  np.testing.assert_allclose(combined.cov, whole.cov, rtol=1e-9, atol=1e-9)
+  assert parts[0].count == 0, "combine must not change its inputs"
+  with pytest.raises(ValueError, match="4-d and 8-d"):
+    metrics.GaussianStats.combine([whole, metrics.GaussianStats(4)])
+
+
 def test_inception_score_of_one_hot_and_uniform_predictions():
   k = 10
   one_hot = np.eye(k)[np.arange(50_000) % k]  # confident and evenly spread: IS = K

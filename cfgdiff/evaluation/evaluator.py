@@ -2,19 +2,36 @@
 
 An Evaluator owns a feature network (features for FID and precision/recall, class
 probabilities for the score and accuracy), the reference statistics, and the floor:
-the same metrics for real training images, the best a model can be expected to reach
-with that many samples.
+the same metrics for real images, the best a model can be expected to reach with that
+many samples.
+
+Several processes (jax.process_count() > 1): every process streams only its own share
+of the images through `Accumulator.update`, and `Accumulator.result`, which every process
+calls, reduces across processes (float64 sums, class probabilities, labels,
+precision/recall features) and returns the same scores on every process, those one
+process would compute from all the images. One process reduces nothing.
+
+The FID Inception (ImageNet) takes its reference as ADM does: statistics of the whole
+training split of the run's TFDS dataset, each process reading a contiguous part of it,
+computed once and cached under config.sweep.cache_dir (`reference_statistics`), keyed by
+dataset, split, image size, example count, precision/recall subset size and the
+SHA-256 of the Inception weights, so every run and sweep on that data shares them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import io
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from cfgdiff import configs, data, files
 from cfgdiff.evaluation import metrics
@@ -22,32 +39,209 @@ from cfgdiff.evaluation import metrics
 # images uint8 [N,H,W,C] -> (features float32 [N,D], class probabilities float32 [N,K])
 FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
+# Bump when the meaning of a cached reference changes (preprocessing, crop, features).
+REFERENCE_CACHE_VERSION = 1
+# Bytes each process contributes to one all-gather: a cross-process reduction of a
+# 2048 x 2048 float64 sum then needs a few of them instead of process_count full copies.
+_GATHER_BYTES = 1 << 24
+_READ_BATCH = 500  # real images read and featurized at a time
+
+
+def process_share(n: int, index: int | None = None, count: int | None = None
+                  ) -> tuple[int, int]:
+  """[lo, hi): process ``index`` of ``count``'s contiguous share of n items (default:
+  this process). Shares differ in size by at most one and cover 0..n-1 in order."""
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  return n * index // count, n * (index + 1) // count
+
+
+@dataclasses.dataclass
+class Partial:
+  """What the scores need of a set of images, from one process or merged.
+
+  Every row of ``probs``/``labels`` and of ``pr_features`` carries the sample's global
+  position (``order``/``pr_order``), so parts from any number of processes merge into
+  the arrays one process would have built.
+  """
+  stats: metrics.GaussianStats  # float64 sums of the features [D]
+  probs: np.ndarray  # float32 [n, K] (K = 0 without a classifier)
+  labels: np.ndarray  # int64 [n], the requested classes
+  order: np.ndarray  # int64 [n]
+  pr_features: np.ndarray  # float32 [m, D], m <= pr_max_points
+  pr_order: np.ndarray  # int64 [m]
+
+  @classmethod
+  def empty(cls, dim: int) -> Partial:
+    return cls(metrics.GaussianStats(dim), np.zeros((0, 0), np.float32),
+               np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
+               np.zeros(0, np.int64))
+
+
+def merge_partials(parts: Sequence[Partial], pr_max_points: int) -> Partial:
+  """One Partial for all the parts' images: statistics summed (in order), rows sorted by
+  order, and the precision/recall features of the first ``pr_max_points`` by order."""
+  stats = metrics.GaussianStats.combine([p.stats for p in parts])
+  rows = [p for p in parts if len(p.order)]
+  if rows:
+    order = np.concatenate([p.order for p in rows])
+    perm = np.argsort(order, kind="stable")
+    probs = np.concatenate([p.probs for p in rows])[perm]
+    labels, order = np.concatenate([p.labels for p in rows])[perm], order[perm]
+  else:
+    probs, labels, order = (np.zeros((0, 0), np.float32), np.zeros(0, np.int64),
+                            np.zeros(0, np.int64))
+  pr_order = np.concatenate([p.pr_order for p in parts])
+  pick = np.argsort(pr_order, kind="stable")[:pr_max_points]
+  pr_features = np.concatenate([p.pr_features for p in parts])[pick]
+  return Partial(stats, probs, labels, order, pr_features, pr_order[pick])
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+  """[process_count, *x.shape]: ``x`` from every process, bit for bit. Sent as bytes:
+  with 64-bit types off, JAX would round float64 and int64 to 32 bits."""
+  x = np.ascontiguousarray(x)
+  raw = multihost_utils.process_allgather(x.reshape(-1).view(np.uint8))
+  return np.asarray(raw).view(x.dtype).reshape((-1,) + x.shape)
+
+
+def _gather_rows(local: np.ndarray) -> list[np.ndarray]:
+  """Every process's ``local`` [n_p, ...] in process order; n_p may differ (even be 0),
+  the trailing shape is that of the longest. Collective."""
+  shapes = _allgather(np.asarray(local.shape, np.int64))
+  rows = [int(r) for r in shapes[:, 0]]
+  trailing = tuple(int(s) for s in shapes[int(np.argmax(rows)), 1:])
+  padded = np.zeros((max(rows),) + trailing, local.dtype)
+  if len(local):
+    padded[:len(local)] = local
+  step = max(1, _GATHER_BYTES // max(1, padded[:1].nbytes))
+  pieces = [_allgather(padded[s:s + step]) for s in range(0, max(rows), step)]
+  if not pieces:
+    return [padded[:0] for _ in rows]
+  full = np.concatenate(pieces, axis=1)
+  return [full[p, :n] for p, n in enumerate(rows)]
+
+
+def _sum_over_processes(x: np.ndarray) -> np.ndarray:
+  """The sum of ``x`` (same shape on every process) over processes, added in process
+  order, so every process gets the same bits. Collective."""
+  flat = np.ascontiguousarray(x).reshape(-1)
+  out = np.empty_like(flat)
+  step = max(1, _GATHER_BYTES // flat.itemsize)
+  for s in range(0, len(flat), step):
+    gathered = _allgather(flat[s:s + step])
+    total = gathered[0].copy()
+    for row in gathered[1:]:
+      total += row
+    out[s:s + step] = total
+  return out.reshape(x.shape)
+
+
+def reduce_across_processes(part: Partial, indexed: bool, pr_max_points: int) -> Partial:
+  """Collective: `merge_partials` of every process's ``part``, on every process.
+
+  ``indexed``: the orders are global sample indices. Otherwise each process numbered its
+  own images from 0, and process p's come after those of processes 0..p-1. Only the
+  precision/recall features that make the global first ``pr_max_points`` travel.
+  """
+  meta = _allgather(np.array([len(part.order), int(indexed), part.stats.count], np.int64))
+  if len(set(meta[:, 1].tolist())) > 1:
+    raise ValueError("Accumulator.update: pass indices on every process or on none.")
+  if not indexed:
+    shift = int(meta[:jax.process_index(), 0].sum())
+    part = dataclasses.replace(part, order=part.order + shift, pr_order=part.pr_order + shift)
+  stats = metrics.GaussianStats(part.stats.dim, count=int(meta[:, 2].sum()),
+                                total=_sum_over_processes(part.stats.total),
+                                outer=_sum_over_processes(part.stats.outer))
+  everyone = lambda x: np.concatenate(_gather_rows(x))
+  all_pr_order = everyone(part.pr_order)
+  keep = np.ones(len(part.pr_order), bool)
+  if len(all_pr_order) > pr_max_points:
+    keep = part.pr_order <= np.partition(all_pr_order, pr_max_points - 1)[pr_max_points - 1]
+  merged = Partial(stats, everyone(part.probs), everyone(part.labels), everyone(part.order),
+                   everyone(part.pr_features[keep]), everyone(part.pr_order[keep]))
+  return merge_partials([merged], pr_max_points)
+
 
 @dataclasses.dataclass
 class Accumulator:
-  """Streams generated images through the feature net; keeps float64 sums, the class
-  probabilities and at most ``pr_max_points`` feature vectors, never the images."""
+  """Streams images through the feature net; keeps float64 sums, the class
+  probabilities and at most ``pr_max_points`` feature vectors, never the images.
+
+  With several processes, each process calls `update` with ONLY ITS OWN SHARE of the
+  images (any split), and every process calls `result`, which is collective: it reduces
+  over processes and returns the scores of all the images on every process.
+  ``indices`` (int [n], optional): the global position of each image, e.g. the index of
+  its noise seed. Given on every process, the result does not depend on how the images
+  were split: rows are put in index order before the score's shuffled splits, and the
+  precision/recall set is the first ``pr_max_points`` images by index. Without them, the
+  order is process 0's images in the order given, then process 1's, and so on (on one
+  process: the order given, as before).
+  """
   evaluator: Evaluator
-  stats: metrics.GaussianStats = None
+  stats: metrics.GaussianStats | None = None
   probs: list = dataclasses.field(default_factory=list)
   labels: list = dataclasses.field(default_factory=list)
-  pr_features: list = dataclasses.field(default_factory=list)
-  pr_count: int = 0
+  order: list = dataclasses.field(default_factory=list)
+  pr_features: np.ndarray | None = None
+  pr_order: np.ndarray | None = None
+  count: int = 0
+  indexed: bool | None = None
 
-  def update(self, images: np.ndarray, labels: np.ndarray) -> None:
+  def update(self, images: np.ndarray, labels: np.ndarray,
+             indices: np.ndarray | None = None) -> None:
+    """images: uint8 [n, H, W, C], this process's share; labels: int [n], the classes
+    the images were drawn for; indices: int [n] global positions (see the class)."""
+    if self.indexed is not None and self.indexed != (indices is not None):
+      raise ValueError("Accumulator.update: pass indices with every update or with none.")
+    self.indexed = indices is not None
     features, probs = self.evaluator.features(images)
+    features, probs = np.asarray(features, np.float32), np.asarray(probs, np.float32)
+    n = len(features)
+    order = (np.arange(self.count, self.count + n, dtype=np.int64) if indices is None
+             else np.asarray(indices, np.int64).reshape(-1))
+    if len(order) != n or len(np.asarray(labels).reshape(-1)) != n:
+      raise ValueError(f"Accumulator.update: {n} images, {len(np.asarray(labels))} labels "
+                       f"and {len(order)} indices.")
+    self.count += n
     if self.stats is None:
       self.stats = metrics.GaussianStats(features.shape[1])
     self.stats.update(features)
     self.probs.append(probs)
-    self.labels.append(np.asarray(labels))
-    keep = max(0, self.evaluator.pr_max_points - self.pr_count)
-    self.pr_features.append(features[:keep])
-    self.pr_count += len(features[:keep])
+    self.labels.append(np.asarray(labels, np.int64).reshape(-1))
+    self.order.append(order)
+    # Keep the pr_max_points earliest images (by order) seen so far.
+    k = self.evaluator.pr_max_points
+    if self.pr_order is None:
+      self.pr_features, self.pr_order = features[:0], order[:0]
+    if len(self.pr_order) >= k and n and order.min() > self.pr_order.max():
+      return
+    pr_features = np.concatenate([self.pr_features, features])
+    pr_order = np.concatenate([self.pr_order, order])
+    keep = np.sort(np.argsort(pr_order, kind="stable")[:k])
+    self.pr_features, self.pr_order = pr_features[keep], pr_order[keep]
+
+  def local_part(self) -> Partial:
+    """This process's images only."""
+    if self.stats is None:
+      return Partial.empty(self.evaluator.reference_stats.dim)
+    return Partial(self.stats, np.concatenate(self.probs), np.concatenate(self.labels),
+                   np.concatenate(self.order), self.pr_features, self.pr_order)
 
   def result(self) -> dict[str, float]:
-    return self.evaluator.score(self.stats, np.concatenate(self.probs),
-                                np.concatenate(self.labels), np.concatenate(self.pr_features))
+    """fid, is_mean, is_std, precision, recall, accuracy of all processes' images.
+    Collective: every process must call it."""
+    k = self.evaluator.pr_max_points
+    if jax.process_count() > 1:
+      part = reduce_across_processes(self.local_part(), bool(self.indexed), k)
+    else:
+      part = merge_partials([self.local_part()], k)
+    repeated = part.order[1:][np.diff(part.order) == 0]
+    if self.indexed and len(repeated):
+      raise ValueError(f"Accumulator: sample index {repeated[0]} "
+                       "was given more than once; each process must pass only its own share "
+                       "of the images.")
+    return self.evaluator.score(part.stats, part.probs, part.labels, part.pr_features)
 
 
 class Evaluator:
@@ -79,11 +273,161 @@ class Evaluator:
                 accuracy=metrics.class_accuracy(probs, labels) if has_classes else math.nan)
 
   def evaluate(self, images: np.ndarray, labels: np.ndarray, chunk: int = 1000) -> dict:
-    """All metrics of a set of images already in memory (e.g. real ones)."""
+    """All metrics of images every process holds whole (e.g. real ones). Each process
+    featurizes its contiguous share; collective."""
+    lo, hi = process_share(len(images))
     acc = self.accumulator()
-    for start in range(0, len(images), chunk):
-      acc.update(images[start:start + chunk], labels[start:start + chunk])
+    for start in range(lo, hi, chunk):
+      stop = min(start + chunk, hi)
+      acc.update(images[start:stop], labels[start:stop], np.arange(start, stop))
     return acc.result()
+
+
+class _Progress:
+  """Logs images done, rate and ETA at most every ``every`` seconds, and at the end."""
+
+  def __init__(self, what: str, total: int, every: float = 60.0):
+    self.what, self.total, self.every = what, total, every
+    self.start = self.last = time.time()
+
+  def __call__(self, done: int) -> None:
+    now = time.time()
+    if done < self.total and now - self.last < self.every:
+      return
+    self.last, rate = now, done / max(now - self.start, 1e-9)
+    logging.info("%s: %d/%d images on this process, %.1f images/s, ETA %.0f s", self.what,
+                 done, self.total, rate, (self.total - done) / max(rate, 1e-9))
+
+
+def _read_ahead(read: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, ...]]:
+  """(batch, *read(batch)) for each batch; the next batch is read (JPEG decoding, ADM's
+  crop) in a thread while the caller runs the feature net."""
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    future = pool.submit(read, batches[0]) if batches else None
+    for i, batch in enumerate(batches):
+      images, labels = future.result()
+      if i + 1 < len(batches):
+        future = pool.submit(read, batches[i + 1])
+      yield batch, images, labels
+
+
+def _batches(indices: np.ndarray, size: int = _READ_BATCH) -> list[np.ndarray]:
+  return [indices[s:s + size] for s in range(0, len(indices), size)]
+
+
+def reference_partial(source: data.ArraySource | data.TfdsSource, features: FeatureFn,
+                      pr_indices: np.ndarray, dim: int,
+                      what: str = "Reference statistics") -> Partial:
+  """This process's contiguous share of one pass over all of ``source`` (``len`` and
+  ``read(indices) -> (uint8 images, labels)``): the float64 sums of every feature, and
+  the features of the examples listed in ``pr_indices`` (sorted)."""
+  lo, hi = process_share(len(source))
+  part = Partial.empty(dim)
+  pr_features, pr_order = [part.pr_features], [part.pr_order]
+  progress = _Progress(what, hi - lo)
+  for indices, images, _ in _read_ahead(source.read, _batches(np.arange(lo, hi))):
+    feats = np.asarray(features(images)[0], np.float32)
+    part.stats.update(feats)
+    chosen = np.isin(indices, pr_indices)
+    pr_features.append(feats[chosen])
+    pr_order.append(indices[chosen].astype(np.int64))
+    progress(int(indices[-1]) + 1 - lo)
+  return dataclasses.replace(part, pr_features=np.concatenate(pr_features),
+                             pr_order=np.concatenate(pr_order))
+
+
+def reference_cache_name(dataset: str, split: str, image_size: int, num_examples: int,
+                         weights_sha256: str, pr_points: int) -> str:
+  """File name of cached reference statistics: everything that determines them."""
+  return (f"reference_{dataset.replace('/', '-')}_{split}_{image_size}px_{num_examples}ex_"
+          f"pr{pr_points}_{weights_sha256[:16]}_v{REFERENCE_CACHE_VERSION}.npz")
+
+
+def _read_reference_cache(path: str, num_examples: int, pr_indices: np.ndarray
+                          ) -> tuple[metrics.GaussianStats, np.ndarray] | None:
+  location = files.path(path)
+  if not location.exists():
+    return None
+  try:
+    with np.load(io.BytesIO(location.read_bytes())) as f:
+      stats = metrics.GaussianStats(f["total"].shape[0], count=int(f["count"]),
+                                    total=f["total"], outer=f["outer"])
+      cached_pr, pr_features = f["pr_indices"], f["pr_features"]
+  except (OSError, ValueError, KeyError) as e:
+    logging.warning("Ignoring the unreadable reference cache %s (%s).", path, e)
+    return None
+  if stats.count != num_examples or not np.array_equal(cached_pr, pr_indices):
+    logging.warning("Ignoring %s: it was computed for other examples.", path)
+    return None
+  return stats, pr_features
+
+
+def _write_reference_cache(path: str, stats: metrics.GaussianStats, pr_indices: np.ndarray,
+                           pr_features: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, count=stats.count, total=stats.total, outer=stats.outer,
+           pr_indices=pr_indices, pr_features=pr_features)
+  files.write_atomic(path, buffer.getvalue())
+
+
+def reference_statistics(source: data.ArraySource | data.TfdsSource, features: FeatureFn,
+                         pr_indices: np.ndarray, dim: int, cache_path: str,
+                         what: str = "Reference statistics"
+                         ) -> tuple[metrics.GaussianStats, np.ndarray]:
+  """(float64 statistics of all of ``source``, features [len(pr_indices), dim] of the
+  examples in ``pr_indices``), from ``cache_path`` if it holds them, else computed, each
+  process on its share, and written there by process 0. Collective.
+
+  Process 0 alone decides whether the cache holds them and sends what it read, so hosts
+  with a local cache directory (~/.cache on each VM) agree.
+  """
+  first = jax.process_index() == 0
+  cached = _read_reference_cache(cache_path, len(source), pr_indices) if first else None
+  several = jax.process_count() > 1
+  if several and bool(_allgather(np.array([cached is not None]))[0, 0]):
+    # Process 0 sends its arrays; the others send empty ones of the same dtype and rank.
+    stats, pr_features = cached or (metrics.GaussianStats(dim), np.zeros((0, dim), np.float32))
+    total, outer, count, pr_features = (
+        _gather_rows(x if first else x[:0])[0]
+        for x in (stats.total, stats.outer, np.array([stats.count]), pr_features))
+    cached = metrics.GaussianStats(dim, int(count[0]), total, outer), pr_features
+  if cached is not None:
+    logging.info("%s: read from %s.", what, cache_path)
+    return cached
+  logging.info("%s: %d examples (this process: %d..%d), cached afterwards at %s.", what,
+               len(source), *process_share(len(source)), cache_path)
+  part = reference_partial(source, features, pr_indices, dim, what)
+  if several:
+    part = reduce_across_processes(part, True, len(pr_indices))
+  else:
+    part = merge_partials([part], len(pr_indices))
+  if first:
+    try:
+      _write_reference_cache(cache_path, part.stats, pr_indices, part.pr_features)
+    except OSError as e:  # a read-only cache must not cost the statistics just computed
+      logging.warning("Could not cache the reference statistics at %s: %s", cache_path, e)
+  return part.stats, part.pr_features
+
+
+def real_floor(evaluator: Evaluator, source: data.ArraySource | data.TfdsSource,
+               num_samples: int, seed: int) -> dict[str, float]:
+  """The metrics of ``num_samples`` real images of ``source`` (a seeded random subset;
+  all of them if there are no more: ImageNet's 50,000 validation images, 50 per class),
+  each process reading its own share. Collective."""
+  n = len(source)
+  if num_samples > n:
+    logging.warning("The floor uses all %d real images, fewer than the %d samples per cell.",
+                    n, num_samples)
+  pick = (np.arange(n) if num_samples >= n else
+          np.sort(np.random.default_rng(seed).permutation(n)[:num_samples]))
+  lo, hi = process_share(len(pick))
+  acc, progress = evaluator.accumulator(), _Progress("Floor (real images)", hi - lo)
+  read = lambda positions: source.read(pick[positions])
+  for positions, images, labels in _read_ahead(read, _batches(np.arange(lo, hi))):
+    acc.update(images, labels, positions)
+    progress(int(positions[-1]) + 1 - lo)
+  return acc.result()
 
 
 def _fashion_evaluator(config: ml_collections.ConfigDict, run_config: ml_collections.ConfigDict,
@@ -107,46 +451,55 @@ def _fashion_evaluator(config: ml_collections.ConfigDict, run_config: ml_collect
   return evaluator
 
 
+def _inception_features(sweep: ml_collections.ConfigDict,
+                        weights_dir: str) -> tuple[FeatureFn, str, int]:
+  """(FID Inception features, SHA-256 of its weights file, feature dimension)."""
+  from cfgdiff.evaluation import inception  # pylint: disable=g-import-not-at-top
+  variables, digest = inception.load_weights(sweep.inception_weights, weights_dir)
+  return inception.InceptionFeatures(variables), digest, inception.FEATURE_DIM
+
+
+def cache_dirs(sweep: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(directory of cached reference statistics, local directory of downloaded weights):
+  config.sweep.cache_dir or ~/.cache/cfgdiff; weights stay on local disk when the
+  statistics go to a bucket."""
+  from cfgdiff.evaluation import inception  # pylint: disable=g-import-not-at-top
+  stats_dir = sweep.cache_dir or inception.default_cache_dir()
+  return stats_dir, stats_dir if "://" not in stats_dir else inception.default_cache_dir()
+
+
 def _inception_evaluator(config: ml_collections.ConfigDict,
                          run_config: ml_collections.ConfigDict) -> Evaluator:
-  """FID Inception features; reference: sweep.num_samples training images of the run's
-  TFDS dataset (ADM's convention); floor: as many validation images."""
-  from cfgdiff.evaluation import inception  # pylint: disable=g-import-not-at-top
+  """FID Inception features; reference: the whole training split of the run's TFDS
+  dataset (ADM's convention), cached; floor: sweep.num_samples validation images."""
   dc, sw = run_config.data, config.sweep
-  if sw.inception_weights:
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-      state = torch.load(sw.inception_weights, map_location="cpu")
-    except Exception as e:  # missing torch, missing or damaged file
-      raise inception.InceptionWeightsError(
-          f"config.sweep.inception_weights={sw.inception_weights!r} cannot be read as a "
-          f"pytorch-fid state dict ({type(e).__name__}: {e}).") from e
-    variables = inception.variables_from_pytorch_fid(state)
-  else:
-    variables = inception.load_fid_inception()
-  features = inception.InceptionFeatures(variables)
   if dc.name not in data.TFDS_DATASETS:
     raise configs.ConfigError(f"config.sweep.feature_net='inception' needs real images of "
                               f"a TFDS dataset {data.TFDS_DATASETS}; got {dc.name!r}.")
-
-  def real(split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    source = data.TfdsSource(dc.name, split, dc.path, dc.image_size)
-    pick = np.sort(np.random.default_rng(seed).permutation(len(source))[:sw.num_samples])
-    return source.read(pick)
-
-  logging.info("Inception features of %d reference images.", sw.num_samples)
-  ref_images, _ = real("train", 0)
-  ref_features, _ = features(ref_images)
-  reference = metrics.GaussianStats(ref_features.shape[1])
-  reference.update(ref_features)
-  evaluator = Evaluator(features, reference, ref_features, sw.pr_k, sw.pr_max_points)
-  evaluator.floor = evaluator.evaluate(*real("validation", 1))
+  stats_dir, weights_dir = cache_dirs(sw)
+  features, weights_sha256, dim = _inception_features(sw, weights_dir)
+  train = data.TfdsSource(dc.name, "train", dc.path, dc.image_size)
+  # Precision/recall reference: a fixed random subset of the same split.
+  pr_indices = np.sort(np.random.default_rng(0).permutation(len(train))[:sw.pr_max_points])
+  name = reference_cache_name(dc.name, "train", dc.image_size, len(train), weights_sha256,
+                              len(pr_indices))
+  reference, reference_features = reference_statistics(
+      train, features, pr_indices, dim, str(files.path(stats_dir) / name),
+      f"Reference statistics of {dc.name} train")
+  evaluator = Evaluator(features, reference, reference_features, sw.pr_k, sw.pr_max_points)
+  validation = data.TfdsSource(dc.name, "validation", dc.path, dc.image_size)
+  evaluator.floor = real_floor(evaluator, validation, sw.num_samples, seed=1)
   return evaluator
 
 
 def make_evaluator(config: ml_collections.ConfigDict, run_config: ml_collections.ConfigDict,
                    cache_dir: str) -> Evaluator:
-  """The evaluator config.sweep.feature_net names, for data like ``run_config``'s."""
+  """The evaluator config.sweep.feature_net names, for data like ``run_config``'s.
+
+  ``cache_dir`` holds the Fashion-MNIST classifier; Inception weights and reference
+  statistics live under config.sweep.cache_dir (`cache_dirs`). Collective with several
+  processes: every process must call it.
+  """
   if config.sweep.feature_net == "inception":
     return _inception_evaluator(config, run_config)
   if run_config.data.name != "fashion_mnist":

@@ -7,6 +7,7 @@ fraction of a unit, and float32 sums over 50k 2048-d features lose more than tha
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -44,6 +45,21 @@ class GaussianStats:
       raise ValueError("a covariance needs at least 2 feature vectors.")
     mu = self.mean
     return (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+  @classmethod
+  def combine(cls, parts: Sequence[GaussianStats]) -> GaussianStats:
+    """The statistics of all the parts' features together: the float64 sums added in
+    order (so every process that combines the same parts gets the same bits)."""
+    if not parts:
+      raise ValueError("combine needs at least one GaussianStats.")
+    out = cls(parts[0].dim)
+    for part in parts:
+      if part.dim != out.dim:
+        raise ValueError(f"cannot combine {part.dim}-d and {out.dim}-d statistics.")
+      out.count += part.count
+      out.total += part.total
+      out.outer += part.outer
+    return out
 
   def save(self, path: str) -> None:
     np.savez(path, count=self.count, total=self.total, outer=self.outer)

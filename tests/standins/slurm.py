@@ -71,6 +71,7 @@ def sbatch(args: list[str]) -> int:
 
 def _run(job_id: str) -> int:
   job = _job(job_id)
+  (job / "session").write_text(str(os.getpid()))  # started as a session leader: pgid
   spec = json.loads((job / "spec.json").read_text())
   restarts = 0
   while True:
