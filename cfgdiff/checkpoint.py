@@ -13,6 +13,19 @@ class CheckpointError(RuntimeError):
   """A checkpoint that is missing, unreadable or does not match the config."""
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The finished checkpoint steps in WORKDIR/checkpoints, in order, from the folder
+  names alone: Orbax gives a step's folder its number only once the save is complete.
+
+  For readers beside a live training job. Unlike a `Checkpointer`, whose Orbax manager
+  synchronises all processes when it is made, it can be called by one process alone.
+  """
+  folder = files.path(workdir) / "checkpoints"
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
 class Checkpointer:
   """Saves and restores {train state, data position} pairs indexed by step.
 

@@ -218,9 +218,9 @@ def _agreed_json(value):
 
 def latest_step(run: Run) -> int | None:
   """The run's newest checkpoint step now, the same on every process."""
-  step = checkpoint.Checkpointer(run.path, read_only=True).latest_step() if (
-      jax.process_index() == 0) else None
-  step = _agreed(-1 if step is None else step)
+  # Process 0 alone lists the folder (a collective Orbax manager would wait for the others).
+  steps = checkpoint.saved_steps(run.path) if jax.process_index() == 0 else []
+  step = _agreed(steps[-1] if steps else -1)
   return None if step < 0 else step
 
 

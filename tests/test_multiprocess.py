@@ -1,23 +1,18 @@
 """Real multi-process execution: 2 JAX processes on this host, each calling
 jax.distributed.initialize against a local coordinator, train and sample through the
-CLI and must agree with one process driving 2 devices."""
+CLI and must agree with one process driving 2 devices. (SIGTERM reaching one of two
+processes, which must both save the same step, is in tests/test_rehearsal.py.)"""
 
 import os
-import pathlib
-import signal
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from cfgdiff import checkpoint
 from tests.conftest import (
   TINY_CONFIG,
   run_cli,
   run_cli_processes,
-  start_cli_processes,
-  wait_cli_processes,
 )
 from tests.test_train import _final_state
 
@@ -65,24 +60,3 @@ def test_two_processes_sample_like_one(workdirs):
     # Each process draws its own slice of the batch: same images, up to one uint8 step.
     assert np.max(np.abs(a["images"].astype(int) - b["images"].astype(int))) <= 1
     assert np.mean(a["images"] == b["images"]) > 0.99
-
-
-def test_sigterm_to_one_process_stops_both_at_the_same_step(synthetic_data, tmp_path):
-  """SIGTERM reaches one host only (as when one VM of a slice is preempted): JAX's
-  preemption sync manager must carry it to the other, and both save the same step."""
-  workdir, log_dir = str(tmp_path / "preempted"), str(tmp_path / "logs")
-  procs = start_cli_processes(
-      2, f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
-      f"--workdir={workdir}", "--config.train.num_steps=100000",
-      "--config.train.checkpoint_every_steps=100000", "--config.train.log_every_steps=1",
-      log_dir=log_dir)
-  deadline = time.time() + 300
-  console = pathlib.Path(log_dir, "process_0.log")
-  while "] [3] " not in console.read_text():
-    assert time.time() < deadline and procs[0].poll() is None, "training did not start"
-    time.sleep(0.5)
-  procs[1].send_signal(signal.SIGTERM)
-  logs = wait_cli_processes(procs, log_dir, timeout=300, expected_code=75)  # preempted
-  stopped = [int(log.split("Preempted (SIGTERM) at step ")[1].split(":")[0]) for log in logs]
-  assert stopped[0] == stopped[1] and 3 <= stopped[0] < 100000, stopped
-  assert checkpoint.Checkpointer(workdir).latest_step() == stopped[0]

@@ -49,7 +49,7 @@ SHRINK = ["--config.model.ch=16", "--config.model.num_res_blocks=1",
           f"--config.train.num_steps={TRAIN_STEPS}", "--config.train.checkpoint_every_steps=2",
           "--config.train.keep_checkpoints=1", "--config.train.log_every_steps=1",
           "--config.runtime.cpu_devices=2"]
-SWEEP = ["--mode=sweep", "--config.sweep.poll_seconds=2", "--config.sweep.num_samples=16",
+SWEEP = ["--mode=sweep", "--config.sweep.poll_seconds=2", "--config.sweep.num_samples=10",
          "--config.sweep.num_steps=4", "--config.sweep.guidance_weights=(0.0,3.0)",
          "--config.sample.batch_size=8", "--config.runtime.cpu_devices=1"]
 
@@ -98,7 +98,7 @@ def data_dir(tmp_path_factory) -> str:
   tfds.disable_progress_bar()
   path = str(tmp_path_factory.mktemp("tensorflow_datasets"))
   start = time.time()
-  tfds_datasets.build_imagenet_resized64(path, num_train=64, num_val=16)
+  tfds_datasets.build_imagenet_resized64(path, num_train=32, num_val=10)
   tfds_datasets.build_imagenet2012(path, num_classes=4, per_class=6, num_val=8)
   formats = {json.loads(p.read_text()).get("fileFormat") for p in
              pathlib.Path(path).rglob("dataset_info.json")}
@@ -240,7 +240,8 @@ def test_slurm_double_submit_refused_then_sigterm_requeue_resume(repo, data_dir,
   state = wait_for(lambda: (slurm / second / "state").exists() and
                    (slurm / second / "state").read_text(), 300, "the double submit to end")
   refusals = [line for line in output(second).splitlines() if line.startswith("cfgdiff: error:")]
-  log(f"double submit: job {second} ended {state}: {min(refusals, key=len)[:160]}...")
+  detailed = [line for line in refusals if "being trained by a live job" in line]
+  log(f"double submit: job {second} ended {state}: {(detailed or refusals)[0]}")
   assert state == "FAILED 2" and len(refusals) == 2, output(second)[-3000:]
   assert any("being trained by a live job" in line for line in refusals), refusals
   assert not (slurm / first / "state").exists(), "the first job must still be running"

@@ -211,26 +211,3 @@ def test_reduced_imagenet64_trains_and_resumes_on_arrayrecord(imagenet64, tmp_pa
   for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(resumed.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert os.path.exists(os.path.join(split, "config.json"))
-
-
-def test_sweep_on_arrayrecord_with_fid_inception(imagenet64, tmp_path):
-  pytest.importorskip("torch", reason="the real Inception weights need torch: "
-                      "pip install -e '.[fid]'")
-  from cfgdiff import sweep
-  data_dir = imagenet64[0]
-  run_dir = str(tmp_path / "run")
-  train.train(_reduced_imagenet64(2, data_dir), run_dir)
-  config = _reduced_imagenet64(2, data_dir)
-  config.sweep.guidance_weights = (0.0, 2.0)
-  config.sweep.num_samples, config.sweep.sampler, config.sweep.num_steps = 8, "ddim", 2
-  config.sweep.inception_weights = "default_1"  # shipped in a package: nothing downloads
-  config.sweep.cache_dir = str(tmp_path / "cache")
-  config.sample.batch_size = 8
-  paths = sweep.run(config, run_dir)
-  rows = sweep.read_results(paths[0])
-  assert [float(r["w"]) for r in rows] == [0.0, 2.0]
-  for r in rows:
-    assert float(r["fid"]) > 0 and 0 <= float(r["precision"]) <= 1
-    # default_1.pt has no classifier head: no score and no accuracy, never a made-up one.
-    assert r["is_mean"] == "nan" and r["accuracy"] == "nan"
-  assert any(p.endswith("run_w2.0.png") for p in paths)
