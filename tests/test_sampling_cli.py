@@ -102,3 +102,19 @@ def test_sampling_notebook_runs_headless(trained_workdir, monkeypatch):
   text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                  for o in cell.get("outputs", []))
   assert "EMA parameters from step 40" in text and "guidance scale s = 4.0" in text
+
+
+def test_sample_local_is_this_process_share_of_sample(trained_workdir, synthetic_data):
+  """What a sweep process scores (`sample_local`) is exactly its rows of `sample`: every
+  position once (one process here), the padding of a partial last batch dropped."""
+  from cfgdiff import configs, sampling
+  config = configs.from_json(os.path.join(trained_workdir, "config.json"))
+  config.data.path = synthetic_data
+  config.sample.batch_size = 6
+  sampler = sampling.CheckpointSampler(config, trained_workdir)
+  labels = np.arange(10) % config.data.num_classes  # batches of 6 + 4 (2 padded)
+  whole = sampler.sample(labels, 2.0, seed=3, sampler="ddim", num_steps=2, first_index=5)
+  local, positions = sampler.sample_local(labels, 2.0, seed=3, sampler="ddim", num_steps=2,
+                                          first_index=5)
+  assert sorted(positions.tolist()) == list(range(10))
+  np.testing.assert_array_equal(local, whole[positions])
