@@ -14,8 +14,9 @@ class CheckpointError(RuntimeError):
 
 
 def saved_steps(workdir: str) -> list[int]:
-  """The finished checkpoint steps in WORKDIR/checkpoints, in order, from the folder
-  names alone: Orbax gives a step's folder its number only once the save is complete.
+  """The finished checkpoint steps in WORKDIR/checkpoints, in order, from the folders
+  alone: on a local disk Orbax gives a step's folder its number only once the save is
+  complete; on a bucket it marks it with commit_success.txt.
 
   For readers beside a live training job. Unlike a `Checkpointer`, whose Orbax manager
   synchronises all processes when it is made, it can be called by one process alone.
@@ -23,7 +24,12 @@ def saved_steps(workdir: str) -> list[int]:
   folder = files.path(workdir) / "checkpoints"
   if not folder.is_dir():
     return []
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+  steps = [p for p in folder.iterdir() if p.name.isdigit()]
+  if "://" in str(folder):
+    # On object stores (gs://) Orbax writes into N/ directly and marks a finished save
+    # with commit_success.txt instead of renaming a temporary folder.
+    steps = [p for p in steps if (p / "commit_success.txt").exists()]
+  return sorted(int(p.name) for p in steps)
 
 
 class Checkpointer:

@@ -212,8 +212,9 @@ def lock_workdir(config: ml_collections.ConfigDict,
     lock = workdir_lock.WorkdirLock(workdir, config.runtime.workdir_lease_seconds)
     try:
       lock.acquire()
-    except workdir_lock.WorkdirBusyError as e:
-      lock, message = None, str(e)
+    except Exception as e:  # every process must learn it failed, or the others wait
+      lock, message = None, (str(e) if isinstance(e, workdir_lock.WorkdirBusyError) else
+                             f"cannot take {workdir}/train.lock ({type(e).__name__}: {e}).")
   if jax.process_count() > 1:
     busy = multihost_utils.broadcast_one_to_all(np.int32(lock is None))
   else:

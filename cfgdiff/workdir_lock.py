@@ -94,6 +94,7 @@ class WorkdirLock:
                                         name="workdir-lock-heartbeat")
         self._thread.start()
         return
+    holder = holder or {}  # vanished between our write and the read-back: a racing job
     age = time.time() - float(holder.get("heartbeat", 0))
     job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
     raise WorkdirBusyError(

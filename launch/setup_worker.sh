@@ -35,6 +35,10 @@ if [[ -n "${CFGDIFF_VENV:-}" && -z "$PYTHON_ONLY" ]]; then
     echo "setup_worker: CFGDIFF_VENV=$CFGDIFF_VENV has no Python >= 3.11." >&2
     exit 2
   fi
+  if [[ -d .venv && ! -L .venv ]]; then
+    echo "setup_worker: .venv is a directory here; remove it to use CFGDIFF_VENV." >&2
+    exit 2
+  fi
   ln -sfn "$CFGDIFF_VENV" .venv
   echo "setup_worker: using the prepared environment $CFGDIFF_VENV"
   exit 0
@@ -57,6 +61,9 @@ stamp=".venv/.installed-$(sha1sum setup.py | cut -c1-12)-${JAX_REQUIREMENT//[^a-
 if [[ -f "$stamp" ]]; then
   echo "setup_worker: .venv is up to date ($("$PYTHON" --version))"
   exit 0
+fi
+if [[ -e .venv ]] && ! python_at_least_311 .venv/bin/python; then
+  rm -rf .venv  # made by an older Python (e.g. the image's 3.10): venv would keep it
 fi
 "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip

@@ -49,7 +49,8 @@ if [[ -n "${CFGDIFF_REPO:-}" ]]; then
   run_all "[ -d ~/cfgdiff/.git ] || git clone -q $(printf %q "$CFGDIFF_REPO") ~/cfgdiff"
 fi
 if [[ -n "${CFGDIFF_REF:-}" ]]; then
-  run_all "cd ~/cfgdiff && git fetch -q origin && git checkout -q $(printf %q "$CFGDIFF_REF")"
+  run_all "cd ~/cfgdiff && git fetch -q origin $(printf %q "$CFGDIFF_REF") && \
+    git checkout -q --detach FETCH_HEAD"
 fi
 run_all "cd ~/cfgdiff && CFGDIFF_VENV=$(printf %q "${CFGDIFF_VENV:-}") \
   launch/setup_worker.sh $(printf %q "${CFGDIFF_JAX:-jax[tpu]}")"

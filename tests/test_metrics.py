@@ -102,3 +102,14 @@ def test_precision_recall_on_point_sets_with_known_answers():
 def test_class_accuracy():
   probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
   assert metrics.class_accuracy(probs, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+def test_classifier_features_of_no_images_have_the_right_shapes():
+  """A process whose devices drew none of a chunk still takes part in the reduction."""
+  import jax
+
+  from cfgdiff.evaluation import classifier
+  variables = classifier.Classifier(10).init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1)))
+  features, probs = classifier.ClassifierFeatures(variables, 10)(
+      np.zeros((0, 28, 28, 1), np.uint8))
+  assert features.shape == (0, classifier.FEATURE_DIM) and probs.shape == (0, 10)

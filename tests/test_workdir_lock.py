@@ -68,3 +68,10 @@ def test_a_new_owner_is_never_overwritten_by_the_old_heartbeat(tmp_path):
   assert json.loads((tmp_path / "train.lock").read_text())["token"] == "new"
   old.release()
   assert json.loads((tmp_path / "train.lock").read_text())["token"] == "new"
+
+
+def test_a_lock_that_cannot_be_written_is_one_error_on_every_process(tmp_path, tiny_config):
+  from cfgdiff import train
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(workdir_lock.WorkdirBusyError, match="cannot take"):
+    train.lock_workdir(tiny_config, str(tmp_path / "a_file" / "run"))

@@ -105,7 +105,7 @@ class ClassifierFeatures:
 
   def __init__(self, variables: dict, num_classes: int, batch_size: int = 500):
     model = Classifier(num_classes)
-    self.variables, self.batch_size = variables, batch_size
+    self.variables, self.batch_size, self.num_classes = variables, batch_size, num_classes
 
     def apply(variables, x):
       features, logits = model.apply(variables, x)
@@ -114,8 +114,10 @@ class ClassifierFeatures:
     self._apply = jax.jit(apply, in_shardings=(replicated, split), out_shardings=split)
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [N, H, W, C] -> (features float32 [N, 128], probs float32 [N, K])."""
-    feats, probs = [], []
+    """uint8 [N, H, W, C] -> (features float32 [N, 128], probs float32 [N, K]); N may be 0
+    (a process whose devices drew none of a chunk)."""
+    feats = [np.zeros((0, FEATURE_DIM), np.float32)]
+    probs = [np.zeros((0, self.num_classes), np.float32)]
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
       pad = self.batch_size - len(chunk)  # one compiled shape for every call
