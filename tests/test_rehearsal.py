@@ -12,8 +12,8 @@ them: the same launchers, configs and CLI, with stand-ins for what only a cluste
   training keeps deleting (keep_checkpoints=1).
 - SLURM: `launch/slurm_gpu.sbatch` under stand-in sbatch/srun/scontrol/scancel
   (tests/standins/slurm.py; JAX's own SLURM cluster detection does the rest): the
-  ImageNet-128 config on ImageNet 2012 JPEGs, a double submit refused while the first
-  job lives, SIGTERM before the time limit, the job requeueing itself and resuming.
+  ImageNet-128 config on ImageNet 2012 JPEGs, SIGTERM before the time limit, the job
+  requeueing itself, a double submit refused while the requeued run lives, the resume.
 
 What a real slice adds and is not run here: TPU detection through the metadata server,
 libtpu, GCS workdirs, real Inception weights (a random-weight file in pytorch-fid's
@@ -231,11 +231,25 @@ def test_slurm_double_submit_refused_then_sigterm_requeue_resume(repo, data_dir,
   def output(job: str) -> str:
     return pathlib.Path(repo, f"cfgdiff-{job}.out").read_text()
 
+  def lock_token() -> str | None:
+    try:
+      return json.loads(pathlib.Path(workdir, "train.lock").read_text())["token"]
+    except (FileNotFoundError, ValueError, KeyError):
+      return None
+
   first = job_of(run(submit, repo, env))
   log(f"sbatch: job {first}, 2 tasks x 2 CPU devices, ImageNet-128 config on imagenet2012")
   wait_for(lambda: checkpoint_steps(workdir), 900, "the first checkpoint")
-  lock = json.loads(pathlib.Path(workdir, "train.lock").read_text())
+  first_run = lock_token()
+  run(["scancel", "--signal=TERM", first], repo, env)
+  log(f"scancel --signal=TERM {first} (what --signal=TERM@120 sends before the time limit)")
+  # The job saves, exits 75 and requeues itself; its second run takes the workdir again
+  # and, with no compilation cache across processes, compiles for a minute or more.
+  wait_for(lambda: (slurm / first / "restarts").read_text() == "1"
+           and lock_token() not in (None, first_run), 600, "the requeued run to start")
+  live = lock_token()
 
+  # A second job on the same workdir while the requeued one lives: refused, nothing touched.
   second = job_of(run(submit, repo, env))
   state = wait_for(lambda: (slurm / second / "state").exists() and
                    (slurm / second / "state").read_text(), 300, "the double submit to end")
@@ -243,12 +257,10 @@ def test_slurm_double_submit_refused_then_sigterm_requeue_resume(repo, data_dir,
   detailed = [line for line in refusals if "being trained by a live job" in line]
   log(f"double submit: job {second} ended {state}: {(detailed or refusals)[0]}")
   assert state == "FAILED 2" and len(refusals) == 2, output(second)[-3000:]
-  assert any("being trained by a live job" in line for line in refusals), refusals
-  assert not (slurm / first / "state").exists(), "the first job must still be running"
-  assert json.loads(pathlib.Path(workdir, "train.lock").read_text())["token"] == lock["token"]
+  assert detailed, refusals
+  assert not (slurm / first / "state").exists(), "the requeued job must still be running"
+  assert lock_token() == live
 
-  run(["scancel", "--signal=TERM", first], repo, env)
-  log(f"scancel --signal=TERM {first} (what --signal=TERM@120 sends before the time limit)")
   state = wait_for(lambda: (slurm / first / "state").exists() and
                    (slurm / first / "state").read_text(), 900, "the requeued job to end")
   text = output(first)
