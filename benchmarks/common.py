@@ -5,11 +5,31 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
+# The vector extensions that decide XLA:CPU's and oneDNN's speed, in the order listed.
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
+                "avx512_bf16", "amx_bf16")
+
+
+def cpu_description() -> tuple[str, str]:
+  """(CPU model name, the vector extensions it has among VECTOR_FLAGS), from /proc/cpuinfo."""
+  model, flags = platform.processor() or "unknown", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+  except OSError:
+    pass
+  return model, " ".join(v for v in VECTOR_FLAGS if v in flags) or "-"
 
 
 def run_variant(module: str, variant: dict, devices: int, extra_xla_flags: str = "") -> dict:
@@ -26,8 +46,9 @@ def run_variant(module: str, variant: dict, devices: int, extra_xla_flags: str =
 
 def append_section(title: str, command: str, header: list[str], rows: list[list]) -> None:
   """Appends a dated markdown table with the command that produced it."""
+  model, vector = cpu_description()
   lines = [f"\n## {title}\n", f"{datetime.date.today().isoformat()}, `{command}`, "
-           f"{os.cpu_count()} cores.\n", "| " + " | ".join(header) + " |",
+           f"{os.cpu_count()} cores, {model} ({vector}).\n", "| " + " | ".join(header) + " |",
            "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   with open(BENCHMARKS_MD, "a") as f:

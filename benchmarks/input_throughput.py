@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -32,24 +31,6 @@ UTILISATION = 0.4  # README's compute plan
 # Forward GFLOPs per image, bf16 (README "Model size", from python -m benchmarks.model_size).
 FORWARD_GFLOPS = {"imagenet64": 212.2, "imagenet128": 601.8}
 HOST_BATCH = {"imagenet64": 2048 // V4_32_HOSTS, "imagenet128": 256 // V4_32_HOSTS}
-VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
-                "avx512_bf16", "amx_bf16")
-
-
-def cpu_description() -> tuple[str, str]:
-  """(CPU model name, the vector extensions it has among VECTOR_FLAGS), from /proc/cpuinfo."""
-  model, flags = platform.processor() or "unknown", set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          model = value.strip()
-        elif key.strip() == "flags":
-          flags = set(value.split())
-  except OSError:
-    pass
-  return model, " ".join(v for v in VECTOR_FLAGS if v in flags) or "-"
 
 
 def needed_per_host(experiment: str) -> float:
@@ -117,7 +98,7 @@ def main() -> None:
   t = time.perf_counter()
   build_datasets(data_dir)
   print(f"datasets ready in {data_dir} ({time.perf_counter() - t:.0f} s)", flush=True)
-  model, vector = cpu_description()
+  model, vector = common.cpu_description()
   rows = []
   try:
     for experiment, steps in (("imagenet64", args.steps64), ("imagenet128", args.steps128)):

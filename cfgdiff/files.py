@@ -7,6 +7,8 @@ so a reader never sees half a file.
 
 from __future__ import annotations
 
+import uuid
+
 from etils import epath
 
 
@@ -20,7 +22,9 @@ def write_atomic(location: str | epath.Path, payload: bytes | str) -> None:
   """Writes ``payload`` to a temporary sibling, then renames it over ``location``."""
   target = path(location)
   target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.parent / f".{target.name}.tmp"
+  # A name of its own per write: two writers of one file (two jobs racing for a lock)
+  # must never rename each other's half-written temporary.
+  tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
   if isinstance(payload, str):
     tmp.write_text(payload)
   else:

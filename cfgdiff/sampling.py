@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import io
-import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
 
 from cfgdiff import build, checkpoint, data, files, samplers
+from cfgdiff.progress import Progress
 
 
 def jit_sample_fn(model: nn.Module, mesh: Mesh, spec: samplers.SamplerSpec,
@@ -40,21 +41,26 @@ class CheckpointSampler:
   """Guided samples from the EMA parameters of a workdir's latest checkpoint.
 
   One compiled program per (sampler, num_steps, fused): w, labels, seeds and the
-  guidance options are traced, and requests are padded to the compiled batch size.
+  guidance options are traced, the parameters are an argument (so `load` of another
+  step compiles nothing), and requests are padded to the compiled batch size.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-    self.config = config
+    self.config, self.workdir = config, workdir
     self.mesh = build.make_mesh()
     self.model = build.make_model(config)
-    target = build.abstract_state(config, self.model, build.make_optimizer(config.train),
-                                  self.mesh)
-    state, _ = checkpoint.Checkpointer(workdir, read_only=True).restore(target, step)
-    self.params, self.step = state.ema_params, int(state.step)
+    self._target = build.abstract_state(config, self.model,
+                                        build.make_optimizer(config.train), self.mesh)
     self.num_classes = config.data.num_classes
     devices = jax.device_count()
     self.batch_size = -(-config.sample.batch_size // devices) * devices
     self._compiled = {}
+    self.load(step)
+
+  def load(self, step: int | None = None) -> None:
+    """Samples from checkpoint ``step`` (the latest when None) from now on."""
+    state, _ = checkpoint.Checkpointer(self.workdir, read_only=True).restore(self._target, step)
+    self.params, self.step = state.ema_params, int(state.step)
 
   def _sample_fn(self, spec: samplers.SamplerSpec):
     if spec not in self._compiled:
@@ -63,20 +69,20 @@ class CheckpointSampler:
     return self._compiled[spec]
 
   def sample(self, labels, w, seed: int = 0, sampler: str | None = None,
-             num_steps: int | None = None, progress=None,
+             num_steps: int | None = None, progress: Callable[[int], None] | None = None,
              first_index: int = 0) -> np.ndarray:
     """uint8 images [N,H,W,C] for ``labels`` [N] at guidance weight(s) ``w`` (scalar or [N]),
-    the whole set on every process.
+    the whole set on every process; ``progress(n)`` is told of every n images made.
 
     Image i uses noise key fold_in(PRNGKey(seed), first_index + i): the same seeds give
     the same starting noise at every w, and a long request can be made in parts.
     """
     out = []
-    for start, take, x in self._batches(labels, w, seed, sampler, num_steps, first_index):
+    for _, take, x in self._batches(labels, w, seed, sampler, num_steps, first_index):
       # Every process gets the whole batch (a no-op on one process).
       out.append(data.to_uint8(multihost_utils.process_allgather(x, tiled=True))[:take])
       if progress:
-        progress(start + take, np.size(labels))
+        progress(take)
     return np.concatenate(out)
 
   def sample_local(self, labels, w, seed: int = 0, sampler: str | None = None,
@@ -178,17 +184,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   sampler = CheckpointSampler(config, workdir)
   labels = np.repeat(np.arange(config.data.num_classes), sc.num_per_class).astype(np.int32)
   names = list(data.FASHION_MNIST_CLASSES) if config.data.name == "fashion_mnist" else None
-  total, done, start, written = len(sc.guidance_weights) * labels.size, 0, time.time(), []
+  written = []
   logging.info("Sampling %d images x %d weights with %s, %d steps, from step %d.",
                labels.size, len(sc.guidance_weights), sc.sampler, sc.num_steps, sampler.step)
+  progress = Progress("Sampling", len(sc.guidance_weights) * labels.size)
   for w in sc.guidance_weights:
-    def progress(n, _, base=done, w=w):
-      elapsed = time.time() - start
-      eta = elapsed / (base + n) * (total - base - n)
-      logging.info("w=%s: %d/%d images, %.1f images/s, ETA %.0f s", w, n, labels.size,
-                   (base + n) / elapsed, eta)
-    images = sampler.sample(labels, w, seed=config.seed, progress=progress)
-    done += labels.size
+    images = sampler.sample(labels, w, seed=config.seed, progress=progress.advance)
     if jax.process_index() == 0:
       png, _ = write_samples(str(files.path(workdir) / "samples"), float(w), images, labels,
                              names)

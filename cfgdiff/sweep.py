@@ -22,10 +22,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from cfgdiff import checkpoint, configs, data, files, sampling
+from cfgdiff import checkpoint, configs, data, files, multihost, sampling
 from cfgdiff.evaluation import evaluator as evaluator_lib
+from cfgdiff.progress import Progress
 
 # Every setting that changes the samples or the scores is a column and part of a cell's
 # key: a row is never reused for, or tabulated beside, another setting.
@@ -48,15 +48,19 @@ class Run:
 
 
 def find_runs(workdir: str) -> list[Run]:
-  """WORKDIR if it is a training run, else its sub-directories that are."""
+  """WORKDIR if it is a training run, else its sub-directories that are, as process 0
+  lists them (every host then reads the same runs' configs)."""
   def is_run(path):
     return (path / "checkpoints").is_dir() and (path / "config.json").exists()
-  root = files.path(workdir)
-  if is_run(root):
-    paths = [root]
-  else:
-    paths = sorted(p for p in root.iterdir() if is_run(p)) if root.is_dir() else []
-  return [Run(p.name, str(p), configs.from_json(str(p / "config.json"))) for p in paths]
+  paths = []
+  if jax.process_index() == 0:
+    root = files.path(workdir)
+    if is_run(root):
+      paths = [str(root)]
+    elif root.is_dir():
+      paths = sorted(str(p) for p in root.iterdir() if is_run(p))
+  return [Run(files.path(p).name, p, configs.from_json(str(files.path(p) / "config.json")))
+          for p in multihost.agreed(paths)]
 
 
 def sweep_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -195,55 +199,38 @@ def plot_tradeoff(rows: list[dict], path: str) -> None:
   files.write_atomic(path, buffer.getvalue())
 
 
-def _agreed(value: int) -> int:
-  """Process 0's ``value`` on every process (hosts listing a bucket can disagree)."""
-  if jax.process_count() == 1:
-    return value
-  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
-
-
-def _agreed_json(value):
-  """Process 0's JSON-serialisable ``value`` on every process: listings and files read
-  from a bucket can differ between hosts for a while, and every host must take the same
-  decisions or the collectives inside sampling and scoring wait forever."""
-  if jax.process_count() == 1:
-    return value
-  payload = np.frombuffer(json.dumps(value).encode(), np.uint8) if (
-      jax.process_index() == 0) else np.zeros(0, np.uint8)
-  size = int(multihost_utils.broadcast_one_to_all(np.int64(payload.size)))
-  padded = np.zeros(size, np.uint8)
-  padded[:payload.size] = payload[:size]
-  return json.loads(multihost_utils.broadcast_one_to_all(padded).tobytes().decode())
-
-
 def latest_step(run: Run) -> int | None:
   """The run's newest checkpoint step now, the same on every process."""
   # Process 0 alone lists the folder (a collective Orbax manager would wait for the others).
   steps = checkpoint.saved_steps(run.path) if jax.process_index() == 0 else []
-  step = _agreed(steps[-1] if steps else -1)
-  return None if step < 0 else step
+  return multihost.agreed(steps[-1] if steps else None)
 
 
-def restore_newest(run: Run, config: ml_collections.ConfigDict) -> sampling.CheckpointSampler:
-  """The run's newest checkpoint, sampled with this sweep's config.sample options.
+def restore_newest(run: Run, config: ml_collections.ConfigDict,
+                   sampler: sampling.CheckpointSampler | None = None
+                   ) -> sampling.CheckpointSampler:
+  """The run's newest checkpoint, sampled with this sweep's config.sample options:
+  loaded into ``sampler`` (the run's, from an earlier step: nothing compiles again) or a
+  new one.
 
   Beside a live training job the chosen step can be deleted (train.keep_checkpoints)
   between listing and reading it; then the newest step is listed again and read.
   """
-  run_config = run.config.copy_and_resolve_references()
-  run_config.sample = config.sample
   for attempt in range(RESTORE_ATTEMPTS):
     step = latest_step(run)
     if step is None:
       raise checkpoint.CheckpointError(f"no checkpoint in {run.path}/checkpoints.")
+    error = None
     try:
-      sampler, error = sampling.CheckpointSampler(run_config, run.path, step), None
+      if sampler is None:
+        run_config = run.config.copy_and_resolve_references()
+        run_config.sample = config.sample
+        sampler = sampling.CheckpointSampler(run_config, run.path, step)
+      else:
+        sampler.load(step)
     except checkpoint.CheckpointError as e:
-      sampler, error = None, e
-    failed = np.int32(error is not None)
-    if jax.process_count() > 1:
-      failed = np.max(multihost_utils.process_allgather(failed))
-    if not failed:
+      error = e
+    if not multihost.any_process(error is not None):
       return sampler
     if latest_step(run) == step or attempt == RESTORE_ATTEMPTS - 1:
       raise error or checkpoint.CheckpointError(
@@ -255,7 +242,7 @@ def restore_newest(run: Run, config: ml_collections.ConfigDict) -> sampling.Chec
 
 def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
                    config: ml_collections.ConfigDict, evaluator: evaluator_lib.Evaluator,
-                   out_dir: str, eta) -> dict:
+                   out_dir: str, progress: Progress) -> dict:
   """Samples sweep.num_samples images at ``w`` and scores them. Each process scores the
   images its own devices drew; the evaluator reduces the statistics across processes."""
   sw, run_config = config.sweep, sampler.config
@@ -272,13 +259,13 @@ def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
     if grid is None:  # the first chunk whole on every process, for the picture
       images = sampler.sample(part, w, **kwargs)
       grid = images[:grid_size]
-      lo, hi = evaluator_lib.process_share(len(part))
+      lo, hi = multihost.process_share(len(part))
       images, positions = images[lo:hi], np.arange(lo, hi)
     else:
       images, positions = sampler.sample_local(part, w, **kwargs)
     # Sample indices (= noise indices) let the evaluator refuse a sample counted twice.
     accumulator.update(images, part[positions], indices=start + positions)
-    eta(len(part))
+    progress.advance(len(part))
   scores = accumulator.result()
   names = (list(data.FASHION_MNIST_CLASSES) if run_config.data.name == "fashion_mnist"
            else None)
@@ -290,19 +277,6 @@ def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
               **settings(config), **scores)
 
 
-class _Progress:
-  """Logs images done, rate and ETA over the whole sweep."""
-
-  def __init__(self, total: int):
-    self.total, self.done, self.start = total, 0, time.time()
-
-  def __call__(self, n: int) -> None:
-    self.done += n
-    elapsed = time.time() - self.start
-    logging.info("Sweep: %d/%d images, %.1f images/s, ETA %.0f s", self.done, self.total,
-                 self.done / elapsed, elapsed / self.done * (self.total - self.done))
-
-
 def _floor(config: ml_collections.ConfigDict, runs: list[Run], out_dir,
            evaluator: evaluator_lib.Evaluator | None) -> dict:
   """The real-image floor of this sweep's settings: from the evaluator when this sweep
@@ -310,7 +284,7 @@ def _floor(config: ml_collections.ConfigDict, runs: list[Run], out_dir,
   left to do does not score num_samples real images again just to print the table."""
   path = out_dir / "floor.json"
   key = "|".join(f"{k}={settings(config)[k]}" for k in ("num_samples", "feature_net"))
-  saved = _agreed_json(json.loads(path.read_text()) if path.exists() else {})
+  saved = multihost.agreed(json.loads(path.read_text()) if path.exists() else {})
   if evaluator is None and key in saved:
     return saved[key]
   evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
@@ -340,14 +314,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   out_dir = files.path(workdir) / "sweep"
   results_csv = str(out_dir / "results.csv")
   evaluator = None
+  samplers: dict[str, sampling.CheckpointSampler] = {}  # one per run, reloaded per step
   while True:
-    names = {r.name: r for r in find_runs(workdir)}
-    runs = [names[n] for n in _agreed_json(sorted(names)) if n in names]
+    runs = find_runs(workdir)
     if not runs and not sw.poll_seconds:
       raise checkpoint.CheckpointError(
           f"no training run under {workdir}: a run is a directory with checkpoints/ and "
           "config.json, written by --mode=train.")
-    rows = _agreed_json(read_results(results_csv))
+    rows = multihost.agreed(read_results(results_csv))
     done = {_cell_key(r) for r in rows if r.get("fid") not in (None, "")}
     finished = bool(runs)
     for r in runs:
@@ -356,11 +330,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       if not _missing_weights(r, newest, done, config):
         finished &= newest == r.config.train.num_steps
         continue
-      sampler = restore_newest(r, config)
+      sampler = samplers[r.name] = restore_newest(r, config, samplers.get(r.name))
       todo = _missing_weights(r, sampler.step, done, config)
       finished &= sampler.step == r.config.train.num_steps
       evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
-      progress = _Progress(len(todo) * sw.num_samples)
+      progress = Progress("Sweep", len(todo) * sw.num_samples)
       logging.info("Sweep: %s step %d: %d cells to evaluate (%d already done), %d samples "
                    "each.", r.name, sampler.step, len(todo), len(rows), sw.num_samples)
       for w in todo:
@@ -371,7 +345,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
         done.add(_cell_key({k: str(v) for k, v in row.items()}))
         if jax.process_index() == 0:
           _write_results(results_csv, rows)
-    if not sw.poll_seconds or finished:
+    # Each host read its own config.json (num_steps); stop on process 0's word.
+    if not sw.poll_seconds or multihost.agreed(finished):
       break
     logging.info("Sweep: waiting %d s for new checkpoints.", sw.poll_seconds)
     time.sleep(sw.poll_seconds)

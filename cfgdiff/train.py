@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cfgdiff import build, checkpoint, configs, data, diffusion, files, workdir_lock
+from cfgdiff import build, checkpoint, configs, data, diffusion, files, multihost, workdir_lock
 from cfgdiff.models import UNet
 
 Array = jnp.ndarray
@@ -132,11 +132,7 @@ def make_batcher(config: ml_collections.ConfigDict) -> data.Batcher:
 def make_pipeline(config: ml_collections.ConfigDict, start_step: int) -> data.Pipeline:
   """This process's batches from ``start_step`` on, made ahead by config.data.num_workers
   worker processes (the same batches for any number of workers or processes)."""
-  return data.make_pipeline(make_source(config), config.train.batch_size, config.seed,
-                            start_step=start_step, process_index=jax.process_index(),
-                            process_count=jax.process_count(),
-                            num_workers=config.data.num_workers,
-                            random_flip=config.data.random_flip)
+  return data.Pipeline(make_batcher(config), start_step, config.data.num_workers)
 
 
 _CONFIG_FILE = "config.json"
@@ -193,7 +189,7 @@ class PreemptionFlag:
     if jax.process_count() == 1:
       return self._set
     # jax_enable_preemption_service=False: agree with a collective every step.
-    return bool(np.any(multihost_utils.process_allgather(np.array(self._set))))
+    return multihost.any_process(self._set)
 
   def restore(self) -> None:
     if not self._sync_manager:
@@ -215,13 +211,9 @@ def lock_workdir(config: ml_collections.ConfigDict,
     except Exception as e:  # every process must learn it failed, or the others wait
       lock, message = None, (str(e) if isinstance(e, workdir_lock.WorkdirBusyError) else
                              f"cannot take {workdir}/train.lock ({type(e).__name__}: {e}).")
-  if jax.process_count() > 1:
-    busy = multihost_utils.broadcast_one_to_all(np.int32(lock is None))
-  else:
-    busy = lock is None
-  if busy:
-    raise workdir_lock.WorkdirBusyError(
-        message or f"{workdir} is held by another live training job (see process 0's log).")
+  message = multihost.agreed(message)
+  if message:
+    raise workdir_lock.WorkdirBusyError(message)
   return lock
 
 

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from cfgdiff import data
+from cfgdiff import data, multihost
 from cfgdiff.evaluation import evaluator as ev
 from cfgdiff.evaluation import metrics
 
@@ -65,7 +65,8 @@ def test_one_process_scores_what_it_always_did():
   images, labels = _images(30, seed=2)
   acc = evaluator.accumulator()
   for start in range(0, 30, 7):
-    acc.update(images[start:start + 7], labels[start:start + 7])
+    stop = min(start + 7, 30)
+    acc.update(images[start:stop], labels[start:stop], np.arange(start, stop))
   got = acc.result()
   feats, probs = evaluator.features(images)
   stats = metrics.GaussianStats(DIM)
@@ -82,7 +83,7 @@ def _shares(n: int, chunk: int, processes: int, process: int) -> list[np.ndarray
   """Global indices of ``process``'s share of each chunk of n, as a sweep would give."""
   out = []
   for start in range(0, n, chunk):
-    lo, hi = ev.process_share(min(chunk, n - start), process, processes)
+    lo, hi = multihost.process_share(min(chunk, n - start), process, processes)
     out.append(np.arange(start + lo, start + hi))
   return out
 
@@ -109,15 +110,6 @@ def test_parts_from_several_processes_merge_into_the_whole(processes):
   assert got == expected
 
 
-def test_indices_on_some_updates_only_are_refused():
-  evaluator = _evaluator()
-  images, labels = _images(4, seed=4)
-  acc = evaluator.accumulator()
-  acc.update(images[:2], labels[:2], np.arange(2))
-  with pytest.raises(ValueError, match="indices with every update or with none"):
-    acc.update(images[2:], labels[2:])
-
-
 def test_the_same_index_twice_is_refused():
   # What happens if every process passed all the images instead of its own share.
   evaluator = _evaluator()
@@ -132,7 +124,7 @@ def test_the_same_index_twice_is_refused():
 def test_process_shares_cover_everything_in_order():
   for n in (0, 1, 7, 100):
     for count in (1, 2, 3, 8):
-      shares = [ev.process_share(n, p, count) for p in range(count)]
+      shares = [multihost.process_share(n, p, count) for p in range(count)]
       assert shares[0][0] == 0 and shares[-1][1] == n
       assert all(a[1] == b[0] for a, b in zip(shares[:-1], shares[1:], strict=True))
       assert max(h - l for l, h in shares) - min(h - l for l, h in shares) <= 1
@@ -209,12 +201,12 @@ def test_a_stale_cache_file_is_recomputed(tmp_path):
 
 def _worker(coordinator: str, processes: int, process: int, cache_dir: str, out: str) -> None:
   """One process: reference statistics (twice: the second read from process 0's cache),
-  then 30 generated images split across processes chunk by chunk, scored with and without
+  then 30 generated images split across processes chunk by chunk, scored with their
   global indices, and the floor of real images. Writes its numbers as JSON."""
   import jax
   if processes > 1:
     jax.distributed.initialize(coordinator, processes, process)
-  ev._GATHER_BYTES = 40  # many small all-gathers: the chunked path is what runs
+  multihost.GATHER_BYTES = 40  # many small all-gathers: the chunked path is what runs
   real, real_labels = _images(40, seed=1)
   features = FakeFeatures(4 * 4 * 3)
   pr_indices = np.sort(np.random.default_rng(0).permutation(40)[:12])
@@ -227,19 +219,18 @@ def _worker(coordinator: str, processes: int, process: int, cache_dir: str, out:
   from_cache = features.images - computed
   evaluator = ev.Evaluator(features, stats, reference, pr_k=3, pr_max_points=12)
   images, labels = _images(30, seed=2)
-  indexed, plain = evaluator.accumulator(), evaluator.accumulator()
+  indexed = evaluator.accumulator()
   mine = [process] if jax.process_count() > 1 else range(2)  # one process plays both
   for p in mine:
     for share in _shares(30, 7, 2, p):
       indexed.update(images[share], labels[share], share)
-      plain.update(images[share], labels[share])
   result = dict(process_count=jax.process_count(), computed=computed,
                 from_cache=from_cache,
                 cache_equal=bool(np.array_equal(stats2.outer, stats.outer)
                                  and np.array_equal(reference2, reference)),
                 reference_mean=stats.mean.tolist(), reference_count=stats.count,
                 reference_features=reference.tolist(), indexed=indexed.result(),
-                plain=plain.result(), floor=evaluator.evaluate(real[:25], real_labels[:25]))
+                floor=evaluator.evaluate(real[:25], real_labels[:25]))
   with open(out, "w") as f:
     json.dump(result, f)
 
@@ -273,7 +264,7 @@ def test_two_processes_score_like_one(tmp_path):
   assert all(r["from_cache"] == 0 and r["cache_equal"] for r in two + [one])
   assert not (tmp_path / "two" / "process_1").exists()
   assert two[0] == two[1], "every process must get the same numbers"
-  for key in ("indexed", "plain", "floor"):
+  for key in ("indexed", "floor"):
     got, want = dict(two[0][key]), dict(one[key])
     # Float64 sums added in another order: FID agrees to rounding, the rest exactly.
     assert got.pop("fid") == pytest.approx(want.pop("fid"), rel=1e-9), key

@@ -35,6 +35,7 @@ import time
 
 import pytest
 
+from cfgdiff import checkpoint
 from tests import tfds_datasets
 from tests.conftest import ROOT, free_port
 
@@ -67,12 +68,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
       return value
     time.sleep(interval)
   raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  folder = pathlib.Path(workdir, "checkpoints")
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if (
-      folder.is_dir()) else []
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +172,9 @@ def test_tpu_pod_train_preempt_resume_with_polling_sweep(repo, data_dir, incepti
   run(sweep_args, repo, env)
   log("tpu_pod.sh started the polling sweep on a second stand-in slice (2 workers)")
 
-  wait_for(lambda: any(s >= 4 for s in checkpoint_steps(workdir)), 900,
+  wait_for(lambda: any(s >= 4 for s in checkpoint.saved_steps(workdir)), 900,
            "a checkpoint at step >= 4")
-  log(f"checkpoints {checkpoint_steps(workdir)}; SIGTERM to worker 1 (maintenance event)")
+  log(f"checkpoints {checkpoint.saved_steps(workdir)}; SIGTERM to worker 1 (maintenance event)")
   run(["gcloud", "compute", "tpus", "tpu-vm", "ssh", "train-v4-16", "--zone",
        "us-central2-b", "--worker=1", "--command", "~/cfgdiff/launch/detached.sh signal train"],
       repo, env)
@@ -194,7 +189,7 @@ def test_tpu_pod_train_preempt_resume_with_polling_sweep(repo, data_dir, incepti
   resumed = run(train_args, repo, env | {"CFGDIFF_WAIT": "1"})
   logs = [(worker_job(train_slice, i, "train") / "log").read_text() for i in range(2)]
   assert all(f"from step {stopped[0]}" in text for text in logs), logs[0][-2000:]
-  assert checkpoint_steps(workdir) == [TRAIN_STEPS]
+  assert checkpoint.saved_steps(workdir) == [TRAIN_STEPS]
   log(f"the same tpu_pod.sh command resumed from step {stopped[0]} to {TRAIN_STEPS} "
       f"(exit 0); training took {time.time() - start:.0f} s in all")
   del resumed
@@ -239,7 +234,7 @@ def test_slurm_double_submit_refused_then_sigterm_requeue_resume(repo, data_dir,
 
   first = job_of(run(submit, repo, env))
   log(f"sbatch: job {first}, 2 tasks x 2 CPU devices, ImageNet-128 config on imagenet2012")
-  wait_for(lambda: checkpoint_steps(workdir), 900, "the first checkpoint")
+  wait_for(lambda: checkpoint.saved_steps(workdir), 900, "the first checkpoint")
   first_run = lock_token()
   run(["scancel", "--signal=TERM", first], repo, env)
   log(f"scancel --signal=TERM {first} (what --signal=TERM@120 sends before the time limit)")
@@ -267,8 +262,8 @@ def test_slurm_double_submit_refused_then_sigterm_requeue_resume(repo, data_dir,
   stopped = int(text.split("Preempted (SIGTERM) at step ")[1].split(":")[0])
   restarts = int((slurm / first / "restarts").read_text())
   log(f"job {first}: saved step {stopped}, requeued itself (restart {restarts}), resumed, "
-      f"ended {state} at step {checkpoint_steps(workdir)}")
+      f"ended {state} at step {checkpoint.saved_steps(workdir)}")
   assert state == "COMPLETED 0" and restarts == 1
   assert f"requeueing job {first}" in text and f"from step {stopped}" in text
-  assert checkpoint_steps(workdir) == [TRAIN_STEPS]
+  assert checkpoint.saved_steps(workdir) == [TRAIN_STEPS]
   assert not pathlib.Path(workdir, "train.lock").exists()

@@ -118,3 +118,27 @@ def test_sample_local_is_this_process_share_of_sample(trained_workdir, synthetic
                                           first_index=5)
   assert sorted(positions.tolist()) == list(range(10))
   np.testing.assert_array_equal(local, whole[positions])
+
+
+def test_loading_another_step_reuses_the_compiled_sampler(trained_workdir, synthetic_data):
+  """A polling sweep reloads each new checkpoint into its run's sampler: the images are
+  those of a sampler made for that step, and nothing is traced or compiled again."""
+  from cfgdiff import checkpoint, configs, samplers, sampling
+  config = configs.from_json(os.path.join(trained_workdir, "config.json"))
+  config.data.path = synthetic_data
+  config.sample.batch_size = 6
+  older, newest = checkpoint.saved_steps(trained_workdir)[-2:]
+  labels = np.arange(6) % config.data.num_classes
+  kwargs = dict(seed=1, sampler="ddim", num_steps=2)
+  sampler = sampling.CheckpointSampler(config, trained_workdir, older)
+  before = sampler.sample(labels, 1.0, **kwargs)
+  spec = samplers.SamplerSpec("ddim", 2, config.sample.fused, config.diffusion.logsnr_min,
+                              config.diffusion.logsnr_max)
+  compiled = sampler._sample_fn(spec)
+  sampler.load(newest)
+  after = sampler.sample(labels, 1.0, **kwargs)
+  assert sampler.step == newest and sampler._sample_fn(spec) is compiled
+  assert compiled._cache_size() == 1, "loading a step must not trace the sampler again"
+  fresh = sampling.CheckpointSampler(config, trained_workdir, newest)
+  np.testing.assert_array_equal(after, fresh.sample(labels, 1.0, **kwargs))
+  assert not np.array_equal(after, before), "the parameters must have changed"

@@ -12,13 +12,23 @@ import pytest
 from cfgdiff import workdir_lock
 
 
+def _holder(workdir) -> dict:
+  return json.loads((workdir / "train.lock").read_text())
+
+
+def _write_holder(workdir, host: str, pid: int, token: str, heartbeat: float) -> None:
+  """A lock as another job would have written it."""
+  (workdir / "train.lock").write_text(json.dumps(
+      {"host": host, "pid": pid, "token": token, "heartbeat": heartbeat}))
+
+
 def test_second_lock_on_a_live_workdir_is_refused_and_the_first_kept(tmp_path):
   first = workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=60)
   first.acquire()
-  holder = json.loads((tmp_path / "train.lock").read_text())
+  holder = _holder(tmp_path)
   with pytest.raises(workdir_lock.WorkdirBusyError, match=f"pid {os.getpid()}"):
     workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=60).acquire()
-  assert json.loads((tmp_path / "train.lock").read_text())["token"] == holder["token"]
+  assert _holder(tmp_path)["token"] == holder["token"]
   first.release()
   assert not (tmp_path / "train.lock").exists()
   again = workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=60)
@@ -29,9 +39,9 @@ def test_second_lock_on_a_live_workdir_is_refused_and_the_first_kept(tmp_path):
 def test_heartbeat_keeps_the_lease_alive(tmp_path):
   lock = workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=0.8)
   lock.acquire()
-  first = json.loads((tmp_path / "train.lock").read_text())["heartbeat"]
+  first = _holder(tmp_path)["heartbeat"]
   time.sleep(1.5)  # longer than the lease: only the heartbeat keeps it live
-  assert json.loads((tmp_path / "train.lock").read_text())["heartbeat"] > first
+  assert _holder(tmp_path)["heartbeat"] > first
   with pytest.raises(workdir_lock.WorkdirBusyError):
     workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=0.8).acquire()
   lock.release()
@@ -39,22 +49,20 @@ def test_heartbeat_keeps_the_lease_alive(tmp_path):
 
 def test_stale_lock_is_taken_over(tmp_path):
   # A job on another host that stopped heart-beating longer ago than the lease.
-  (tmp_path / "train.lock").write_text(json.dumps(
-      {"host": "elsewhere", "pid": 1, "token": "old", "heartbeat": time.time() - 100}))
+  _write_holder(tmp_path, "elsewhere", 1, "old", time.time() - 100)
   lock = workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=10)
   lock.acquire()
-  assert json.loads((tmp_path / "train.lock").read_text())["token"] != "old"
+  assert _holder(tmp_path)["token"] != "old"
   lock.release()
 
 
 def test_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True, check=True)
-  (tmp_path / "train.lock").write_text(json.dumps(
-      {"host": socket.gethostname(), "pid": int(dead.stdout), "token": "old",
-       "heartbeat": time.time()}))
+  _write_holder(tmp_path, socket.gethostname(), int(dead.stdout), "old", time.time())
   lock = workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=600)
-  lock.acquire()
+  lock.acquire()  # a fresh heartbeat, but its process is gone
+  assert _holder(tmp_path)["token"] != "old"
   lock.release()
 
 
@@ -62,12 +70,11 @@ def test_a_new_owner_is_never_overwritten_by_the_old_heartbeat(tmp_path):
   old = workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=0.4)
   old.acquire()
   # Someone took the lock over (e.g. the old job looked dead): the old heartbeat stops.
-  (tmp_path / "train.lock").write_text(json.dumps(
-      {"host": "elsewhere", "pid": 1, "token": "new", "heartbeat": time.time()}))
+  _write_holder(tmp_path, "elsewhere", 1, "new", time.time())
   time.sleep(0.5)
-  assert json.loads((tmp_path / "train.lock").read_text())["token"] == "new"
+  assert _holder(tmp_path)["token"] == "new"
   old.release()
-  assert json.loads((tmp_path / "train.lock").read_text())["token"] == "new"
+  assert _holder(tmp_path)["token"] == "new"
 
 
 def test_a_lock_that_cannot_be_written_is_one_error_on_every_process(tmp_path, tiny_config):

@@ -18,10 +18,9 @@ import optax
 from absl import logging
 from flax import linen as nn
 from flax import serialization
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from cfgdiff import data, files
+from cfgdiff.evaluation import batching
 
 FEATURE_DIM = 128
 
@@ -72,7 +71,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
-  split, replicated = _local_shardings(batch_size)
+  split, replicated = batching.local_shardings(batch_size)
   step = jax.jit(step, in_shardings=(replicated,) * 3 + (split, split, replicated),
                  out_shardings=replicated)
   rng, key = np.random.default_rng(seed), jax.random.PRNGKey(seed + 1)
@@ -90,16 +89,6 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
   return {"params": params, "batch_stats": batch_stats}
 
 
-def _local_shardings(batch_size: int) -> tuple[NamedSharding, NamedSharding]:
-  """(batch split, replicated) over this process's devices: data parallel on one host
-  (each core is an XLA device on CPU), the same numbers on any device count."""
-  devices = jax.local_devices()
-  if batch_size % len(devices):
-    devices = devices[:1]
-  mesh = Mesh(np.asarray(devices), ("batch",))
-  return NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
-
-
 class ClassifierFeatures:
   """Features and class probabilities of uint8 images under trained classifier variables."""
 
@@ -110,22 +99,16 @@ class ClassifierFeatures:
     def apply(variables, x):
       features, logits = model.apply(variables, x)
       return features, jax.nn.softmax(logits)
-    split, replicated = _local_shardings(batch_size)
+    split, replicated = batching.local_shardings(batch_size)
     self._apply = jax.jit(apply, in_shardings=(replicated, split), out_shardings=split)
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N, H, W, C] -> (features float32 [N, 128], probs float32 [N, K]); N may be 0
     (a process whose devices drew none of a chunk)."""
-    feats = [np.zeros((0, FEATURE_DIM), np.float32)]
-    probs = [np.zeros((0, self.num_classes), np.float32)]
-    for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)  # one compiled shape for every call
-      x = data.to_model_range(np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)]))
-      f, p = self._apply(self.variables, x)
-      feats.append(np.asarray(f)[:len(chunk)])
-      probs.append(np.asarray(p)[:len(chunk)])
-    return np.concatenate(feats), np.concatenate(probs)
+    empty = (np.zeros((0, FEATURE_DIM), np.float32), np.zeros((0, self.num_classes), np.float32))
+    return batching.in_fixed_batches(
+        lambda x: self._apply(self.variables, data.to_model_range(x)), images,
+        self.batch_size, empty)
 
 
 def load_or_train(cache_dir: str, data_path: str, num_classes: int,

@@ -24,36 +24,23 @@ import concurrent.futures
 import dataclasses
 import io
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from cfgdiff import configs, data, files
+from cfgdiff import configs, data, files, multihost
 from cfgdiff.evaluation import metrics
+from cfgdiff.progress import Progress
 
 # images uint8 [N,H,W,C] -> (features float32 [N,D], class probabilities float32 [N,K])
 FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 # Bump when the meaning of a cached reference changes (preprocessing, crop, features).
 REFERENCE_CACHE_VERSION = 1
-# Bytes each process contributes to one all-gather: a cross-process reduction of a
-# 2048 x 2048 float64 sum then needs a few of them instead of process_count full copies.
-_GATHER_BYTES = 1 << 24
 _READ_BATCH = 500  # real images read and featurized at a time
-
-
-def process_share(n: int, index: int | None = None, count: int | None = None
-                  ) -> tuple[int, int]:
-  """[lo, hi): process ``index`` of ``count``'s contiguous share of n items (default:
-  this process). Shares differ in size by at most one and cover 0..n-1 in order."""
-  index = jax.process_index() if index is None else index
-  count = jax.process_count() if count is None else count
-  return n * index // count, n * (index + 1) // count
 
 
 @dataclasses.dataclass
@@ -97,63 +84,14 @@ def merge_partials(parts: Sequence[Partial], pr_max_points: int) -> Partial:
   return Partial(stats, probs, labels, order, pr_features, pr_order[pick])
 
 
-def _allgather(x: np.ndarray) -> np.ndarray:
-  """[process_count, *x.shape]: ``x`` from every process, bit for bit. Sent as bytes:
-  with 64-bit types off, JAX would round float64 and int64 to 32 bits."""
-  x = np.ascontiguousarray(x)
-  raw = multihost_utils.process_allgather(x.reshape(-1).view(np.uint8))
-  return np.asarray(raw).view(x.dtype).reshape((-1,) + x.shape)
-
-
-def _gather_rows(local: np.ndarray) -> list[np.ndarray]:
-  """Every process's ``local`` [n_p, ...] in process order; n_p may differ (even be 0),
-  the trailing shape is that of the longest. Collective."""
-  shapes = _allgather(np.asarray(local.shape, np.int64))
-  rows = [int(r) for r in shapes[:, 0]]
-  trailing = tuple(int(s) for s in shapes[int(np.argmax(rows)), 1:])
-  padded = np.zeros((max(rows),) + trailing, local.dtype)
-  if len(local):
-    padded[:len(local)] = local
-  step = max(1, _GATHER_BYTES // max(1, padded[:1].nbytes))
-  pieces = [_allgather(padded[s:s + step]) for s in range(0, max(rows), step)]
-  if not pieces:
-    return [padded[:0] for _ in rows]
-  full = np.concatenate(pieces, axis=1)
-  return [full[p, :n] for p, n in enumerate(rows)]
-
-
-def _sum_over_processes(x: np.ndarray) -> np.ndarray:
-  """The sum of ``x`` (same shape on every process) over processes, added in process
-  order, so every process gets the same bits. Collective."""
-  flat = np.ascontiguousarray(x).reshape(-1)
-  out = np.empty_like(flat)
-  step = max(1, _GATHER_BYTES // flat.itemsize)
-  for s in range(0, len(flat), step):
-    gathered = _allgather(flat[s:s + step])
-    total = gathered[0].copy()
-    for row in gathered[1:]:
-      total += row
-    out[s:s + step] = total
-  return out.reshape(x.shape)
-
-
-def reduce_across_processes(part: Partial, indexed: bool, pr_max_points: int) -> Partial:
-  """Collective: `merge_partials` of every process's ``part``, on every process.
-
-  ``indexed``: the orders are global sample indices. Otherwise each process numbered its
-  own images from 0, and process p's come after those of processes 0..p-1. Only the
-  precision/recall features that make the global first ``pr_max_points`` travel.
-  """
-  meta = _allgather(np.array([len(part.order), int(indexed), part.stats.count], np.int64))
-  if len(set(meta[:, 1].tolist())) > 1:
-    raise ValueError("Accumulator.update: pass indices on every process or on none.")
-  if not indexed:
-    shift = int(meta[:jax.process_index(), 0].sum())
-    part = dataclasses.replace(part, order=part.order + shift, pr_order=part.pr_order + shift)
-  stats = metrics.GaussianStats(part.stats.dim, count=int(meta[:, 2].sum()),
-                                total=_sum_over_processes(part.stats.total),
-                                outer=_sum_over_processes(part.stats.outer))
-  everyone = lambda x: np.concatenate(_gather_rows(x))
+def reduce_across_processes(part: Partial, pr_max_points: int) -> Partial:
+  """Collective: `merge_partials` of every process's ``part``, on every process. Only the
+  precision/recall features that make the global first ``pr_max_points`` travel."""
+  stats = metrics.GaussianStats(
+      part.stats.dim, count=int(multihost.sum_over_processes(np.array([part.stats.count]))[0]),
+      total=multihost.sum_over_processes(part.stats.total),
+      outer=multihost.sum_over_processes(part.stats.outer))
+  everyone = lambda x: np.concatenate(multihost.gather_rows(x))
   all_pr_order = everyone(part.pr_order)
   keep = np.ones(len(part.pr_order), bool)
   if len(all_pr_order) > pr_max_points:
@@ -170,13 +108,10 @@ class Accumulator:
 
   With several processes, each process calls `update` with ONLY ITS OWN SHARE of the
   images (any split), and every process calls `result`, which is collective: it reduces
-  over processes and returns the scores of all the images on every process.
-  ``indices`` (int [n], optional): the global position of each image, e.g. the index of
-  its noise seed. Given on every process, the result does not depend on how the images
-  were split: rows are put in index order before the score's shuffled splits, and the
-  precision/recall set is the first ``pr_max_points`` images by index. Without them, the
-  order is process 0's images in the order given, then process 1's, and so on (on one
-  process: the order given, as before).
+  over processes and returns the scores of all the images on every process. Each image
+  comes with its global index (e.g. that of its noise seed), so the result does not
+  depend on how the images were split: rows are put in index order before the score's
+  shuffled splits, and the precision/recall set is the first ``pr_max_points`` by index.
   """
   evaluator: Evaluator
   stats: metrics.GaussianStats | None = None
@@ -185,35 +120,26 @@ class Accumulator:
   order: list = dataclasses.field(default_factory=list)
   pr_features: np.ndarray | None = None
   pr_order: np.ndarray | None = None
-  count: int = 0
-  indexed: bool | None = None
 
-  def update(self, images: np.ndarray, labels: np.ndarray,
-             indices: np.ndarray | None = None) -> None:
+  def update(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
     """images: uint8 [n, H, W, C], this process's share; labels: int [n], the classes
-    the images were drawn for; indices: int [n] global positions (see the class)."""
-    if self.indexed is not None and self.indexed != (indices is not None):
-      raise ValueError("Accumulator.update: pass indices with every update or with none.")
-    self.indexed = indices is not None
+    the images were drawn for; indices: int [n], their global positions."""
     features, probs = self.evaluator.features(images)
     features, probs = np.asarray(features, np.float32), np.asarray(probs, np.float32)
+    order = np.asarray(indices, np.int64).reshape(-1)
     n = len(features)
-    order = (np.arange(self.count, self.count + n, dtype=np.int64) if indices is None
-             else np.asarray(indices, np.int64).reshape(-1))
     if len(order) != n or len(np.asarray(labels).reshape(-1)) != n:
       raise ValueError(f"Accumulator.update: {n} images, {len(np.asarray(labels))} labels "
                        f"and {len(order)} indices.")
-    self.count += n
     if self.stats is None:
       self.stats = metrics.GaussianStats(features.shape[1])
+      self.pr_features, self.pr_order = features[:0], order[:0]
     self.stats.update(features)
     self.probs.append(probs)
     self.labels.append(np.asarray(labels, np.int64).reshape(-1))
     self.order.append(order)
-    # Keep the pr_max_points earliest images (by order) seen so far.
+    # Keep the pr_max_points earliest images (by index) seen so far.
     k = self.evaluator.pr_max_points
-    if self.pr_order is None:
-      self.pr_features, self.pr_order = features[:0], order[:0]
     if len(self.pr_order) >= k and n and order.min() > self.pr_order.max():
       return
     pr_features = np.concatenate([self.pr_features, features])
@@ -231,13 +157,9 @@ class Accumulator:
   def result(self) -> dict[str, float]:
     """fid, is_mean, is_std, precision, recall, accuracy of all processes' images.
     Collective: every process must call it."""
-    k = self.evaluator.pr_max_points
-    if jax.process_count() > 1:
-      part = reduce_across_processes(self.local_part(), bool(self.indexed), k)
-    else:
-      part = merge_partials([self.local_part()], k)
+    part = reduce_across_processes(self.local_part(), self.evaluator.pr_max_points)
     repeated = part.order[1:][np.diff(part.order) == 0]
-    if self.indexed and len(repeated):
+    if len(repeated):
       raise ValueError(f"Accumulator: sample index {repeated[0]} "
                        "was given more than once; each process must pass only its own share "
                        "of the images.")
@@ -275,28 +197,12 @@ class Evaluator:
   def evaluate(self, images: np.ndarray, labels: np.ndarray, chunk: int = 1000) -> dict:
     """All metrics of images every process holds whole (e.g. real ones). Each process
     featurizes its contiguous share; collective."""
-    lo, hi = process_share(len(images))
+    lo, hi = multihost.process_share(len(images))
     acc = self.accumulator()
     for start in range(lo, hi, chunk):
       stop = min(start + chunk, hi)
       acc.update(images[start:stop], labels[start:stop], np.arange(start, stop))
     return acc.result()
-
-
-class _Progress:
-  """Logs images done, rate and ETA at most every ``every`` seconds, and at the end."""
-
-  def __init__(self, what: str, total: int, every: float = 60.0):
-    self.what, self.total, self.every = what, total, every
-    self.start = self.last = time.time()
-
-  def __call__(self, done: int) -> None:
-    now = time.time()
-    if done < self.total and now - self.last < self.every:
-      return
-    self.last, rate = now, done / max(now - self.start, 1e-9)
-    logging.info("%s: %d/%d images on this process, %.1f images/s, ETA %.0f s", self.what,
-                 done, self.total, rate, (self.total - done) / max(rate, 1e-9))
 
 
 def _read_ahead(read: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
@@ -322,17 +228,17 @@ def reference_partial(source: data.ArraySource | data.TfdsSource, features: Feat
   """This process's contiguous share of one pass over all of ``source`` (``len`` and
   ``read(indices) -> (uint8 images, labels)``): the float64 sums of every feature, and
   the features of the examples listed in ``pr_indices`` (sorted)."""
-  lo, hi = process_share(len(source))
+  lo, hi = multihost.process_share(len(source))
   part = Partial.empty(dim)
   pr_features, pr_order = [part.pr_features], [part.pr_order]
-  progress = _Progress(what, hi - lo)
+  progress = Progress(f"{what} (this process)", hi - lo, every=60)
   for indices, images, _ in _read_ahead(source.read, _batches(np.arange(lo, hi))):
     feats = np.asarray(features(images)[0], np.float32)
     part.stats.update(feats)
     chosen = np.isin(indices, pr_indices)
     pr_features.append(feats[chosen])
     pr_order.append(indices[chosen].astype(np.int64))
-    progress(int(indices[-1]) + 1 - lo)
+    progress.advance(len(indices))
   return dataclasses.replace(part, pr_features=np.concatenate(pr_features),
                              pr_order=np.concatenate(pr_order))
 
@@ -384,24 +290,19 @@ def reference_statistics(source: data.ArraySource | data.TfdsSource, features: F
   """
   first = jax.process_index() == 0
   cached = _read_reference_cache(cache_path, len(source), pr_indices) if first else None
-  several = jax.process_count() > 1
-  if several and bool(_allgather(np.array([cached is not None]))[0, 0]):
-    # Process 0 sends its arrays; the others send empty ones of the same dtype and rank.
+  if multihost.agreed(cached is not None) and jax.process_count() > 1:
+    # Process 0 sends what it read; the others pass empty arrays of the same dtype and rank.
     stats, pr_features = cached or (metrics.GaussianStats(dim), np.zeros((0, dim), np.float32))
-    total, outer, count, pr_features = (
-        _gather_rows(x if first else x[:0])[0]
-        for x in (stats.total, stats.outer, np.array([stats.count]), pr_features))
+    total, outer, count, pr_features = (multihost.broadcast(x) for x in (
+        stats.total, stats.outer, np.array([stats.count]), pr_features))
     cached = metrics.GaussianStats(dim, int(count[0]), total, outer), pr_features
   if cached is not None:
     logging.info("%s: read from %s.", what, cache_path)
     return cached
   logging.info("%s: %d examples (this process: %d..%d), cached afterwards at %s.", what,
-               len(source), *process_share(len(source)), cache_path)
-  part = reference_partial(source, features, pr_indices, dim, what)
-  if several:
-    part = reduce_across_processes(part, True, len(pr_indices))
-  else:
-    part = merge_partials([part], len(pr_indices))
+               len(source), *multihost.process_share(len(source)), cache_path)
+  part = reduce_across_processes(reference_partial(source, features, pr_indices, dim, what),
+                                 len(pr_indices))
   if first:
     try:
       _write_reference_cache(cache_path, part.stats, pr_indices, part.pr_features)
@@ -421,12 +322,13 @@ def real_floor(evaluator: Evaluator, source: data.ArraySource | data.TfdsSource,
                     n, num_samples)
   pick = (np.arange(n) if num_samples >= n else
           np.sort(np.random.default_rng(seed).permutation(n)[:num_samples]))
-  lo, hi = process_share(len(pick))
-  acc, progress = evaluator.accumulator(), _Progress("Floor (real images)", hi - lo)
+  lo, hi = multihost.process_share(len(pick))
+  acc = evaluator.accumulator()
+  progress = Progress("Floor, real images (this process)", hi - lo, every=60)
   read = lambda positions: source.read(pick[positions])
   for positions, images, labels in _read_ahead(read, _batches(np.arange(lo, hi))):
     acc.update(images, labels, positions)
-    progress(int(positions[-1]) + 1 - lo)
+    progress.advance(len(positions))
   return acc.result()
 
 

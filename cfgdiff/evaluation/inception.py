@@ -47,8 +47,8 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+
+from cfgdiff.evaluation import batching
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -733,15 +733,12 @@ class InceptionFeatures:
   ``batch_size`` is rounded up to a multiple of the local device count.
   """
 
-  def __init__(self, variables: dict, batch_size: int = 50, output_bias: bool = False,
-               devices: list | None = None):
-    devices = devices or jax.local_devices()
+  def __init__(self, variables: dict, batch_size: int = 50, output_bias: bool = False):
+    devices = jax.local_device_count()
+    self.batch_size = -(-batch_size // devices) * devices
     self.has_logits = "fc" in variables["params"]
     model = FIDInception(logits=self.has_logits, output_bias=output_bias)
-    mesh = Mesh(np.asarray(devices), ("batch",))
-    self._split = NamedSharding(mesh, P("batch"))
-    replicated = NamedSharding(mesh, P())
-    self.batch_size = -(-batch_size // len(devices)) * len(devices)
+    split, replicated = batching.local_shardings(self.batch_size)
     self.variables = jax.device_put(variables, replicated)
 
     def apply(variables, images):
@@ -752,21 +749,12 @@ class InceptionFeatures:
         if self.has_logits:
           return out[0], jax.nn.softmax(out[1])
       return out, jnp.zeros((images.shape[0], 0))
-    self._apply = jax.jit(apply, out_shardings=replicated)
+    self._apply = jax.jit(apply, in_shardings=(replicated, split), out_shardings=replicated)
 
   def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 or float [N, H, W, C] (0..255) -> (features float32 [N, 2048], probs float32
-    [N, 1008] or [N, 0] without the classifier head)."""
-    feats, probs = [], []
-    for start in range(0, len(images), self.batch_size):
-      chunk = np.asarray(images[start:start + self.batch_size])
-      pad = self.batch_size - len(chunk)
-      batch = jax.device_put(np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)]),
-                             self._split)
-      f, p = self._apply(self.variables, batch)
-      feats.append(np.asarray(f)[:len(chunk)])
-      probs.append(np.asarray(p)[:len(chunk)])
-    if not feats:
-      return (np.zeros((0, FEATURE_DIM), np.float32),
-              np.zeros((0, NUM_LOGITS if self.has_logits else 0), np.float32))
-    return np.concatenate(feats), np.concatenate(probs)
+    [N, 1008] or [N, 0] without the classifier head); N may be 0."""
+    empty = (np.zeros((0, FEATURE_DIM), np.float32),
+             np.zeros((0, NUM_LOGITS if self.has_logits else 0), np.float32))
+    return batching.in_fixed_batches(lambda x: self._apply(self.variables, x), images,
+                                     self.batch_size, empty)
