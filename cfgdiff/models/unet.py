@@ -7,6 +7,7 @@ called with label ``num_classes``. Layout is NHWC throughout.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -14,10 +15,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cfgdiff.models import conv
+
 Array = jnp.ndarray
 
 # Output layers start at zero so every residual branch is the identity at init (ADM).
 _zeros = nn.initializers.zeros
+# flax's Conv (same parameters and names) with the CPU-fast kernel gradient of conv.py.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv.conv_general_dilated)
 
 
 def logsnr_embedding(logsnr: Array, dim: int, max_period: float = 10000.0) -> Array:
@@ -86,16 +91,16 @@ class ResBlock(nn.Module):
     h = nn.swish(GroupNorm(_num_groups(in_ch), dtype=self.dtype)(x))
     if self.resample is not None:
       h, x = _resample(h, self.resample), _resample(x, self.resample)
-    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype)(h)
+    h = Conv(self.out_ch, (3, 3), dtype=self.dtype)(h)
 
     scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype)(nn.swish(emb))
     scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
     h = GroupNorm(_num_groups(self.out_ch), dtype=self.dtype)(h) * (1.0 + scale) + shift
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
-    h = nn.Conv(self.out_ch, (3, 3), kernel_init=_zeros, dtype=self.dtype)(h)
+    h = Conv(self.out_ch, (3, 3), kernel_init=_zeros, dtype=self.dtype)(h)
 
     if in_ch != self.out_ch:
-      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype)(x)
+      x = Conv(self.out_ch, (1, 1), dtype=self.dtype)(x)
     return x + h
 
 
@@ -169,7 +174,7 @@ class UNet(nn.Module):
         h = AttentionBlock(self._heads(h.shape[-1]), self.dtype)(h)
       return h
 
-    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype)(z.astype(self.dtype))
+    h = Conv(self.ch, (3, 3), dtype=self.dtype)(z.astype(self.dtype))
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
@@ -191,5 +196,5 @@ class UNet(nn.Module):
     assert not skips
 
     h = nn.swish(GroupNorm(_num_groups(h.shape[-1]), dtype=self.dtype)(h))
-    out = nn.Conv(z.shape[-1], (3, 3), kernel_init=_zeros, dtype=self.dtype)(h)
+    out = Conv(z.shape[-1], (3, 3), kernel_init=_zeros, dtype=self.dtype)(h)
     return out.astype(jnp.float32)

@@ -1,0 +1,87 @@
+"""The convolution with a matrix-product kernel gradient computes what XLA's computes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cfgdiff.models import conv, unet
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _loss(conv_fn, padding):
+  # A nonlinear loss so that the output gradient dy differs at every position.
+  return lambda x, kernel: jnp.sum(jnp.sin(conv_fn(x, kernel, (1, 1), padding,
+                                                   dimension_numbers=NHWC)))
+
+
+@pytest.mark.parametrize("image, kernel_shape, padding", [
+    ((2, 9, 7, 3), (3, 3, 3, 5), "SAME"),
+    ((2, 9, 7, 3), (1, 1, 3, 5), "SAME"),
+    ((2, 9, 7, 3), (3, 3, 3, 5), "VALID"),
+    ((1, 6, 6, 4), (5, 5, 4, 2), "SAME"),
+    ((2, 9, 7, 3), (3, 2, 3, 5), ((2, 0), (1, 3))),  # uneven, output larger than input
+])
+def test_value_and_gradients_equal_xla_convolution(image, kernel_shape, padding):
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  x = jax.random.normal(keys[0], image)
+  kernel = jax.random.normal(keys[1], kernel_shape)
+  expected = jax.value_and_grad(_loss(lax.conv_general_dilated, padding), (0, 1))(x, kernel)
+  actual = jax.jit(jax.value_and_grad(_loss(conv.conv_general_dilated, padding), (0, 1)))(
+      x, kernel)
+  np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
+  for got, want in zip(actual[1], expected[1], strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_gradient_is_matrix_products_on_cpu():
+  """On CPU the compiled gradient holds two convolutions (forward, input gradient), not
+  three: the kernel gradient is the taps' dot products."""
+  x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+
+  def convolutions(conv_fn):
+    hlo = jax.jit(jax.grad(_loss(conv_fn, "SAME"), (0, 1))).lower(x, kernel).compile().as_text()
+    return hlo.count(" convolution(")
+
+  assert convolutions(lax.conv_general_dilated) == 3
+  assert convolutions(conv.conv_general_dilated) == 2
+
+
+def test_other_convolutions_are_passed_to_xla():
+  x, kernel = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 2))
+  strided = conv.conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=NHWC)
+  np.testing.assert_array_equal(strided, lax.conv_general_dilated(
+      x, kernel, (2, 2), "SAME", dimension_numbers=NHWC))
+
+
+def test_unet_gradients_equal_those_with_flax_convolution(monkeypatch):
+  """The whole U-Net: same parameters, output and parameter gradients as with nn.Conv."""
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  model = unet.UNet(num_classes=config.data.num_classes, ch=4, ch_mult=(1, 2),
+                    num_res_blocks=1, attn_resolutions=(), head_channels=4)
+  z = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+  logsnr, label = jnp.array([-1.0, 2.0]), jnp.array([0, config.data.num_classes])
+  # Random values for every parameter (live output layers, so every kernel gets a
+  # gradient), from the shapes alone: compiling model.init would double the test's time.
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda p: rng.normal(0.0, 0.3, p.shape).astype(np.float32),
+                        jax.eval_shape(model.init, jax.random.PRNGKey(0), z, logsnr, label))
+
+  def loss(p):
+    return jnp.sum(jnp.square(model.apply(p, z, logsnr, label)))
+
+  fast = jax.jit(jax.value_and_grad(loss))(params)
+  monkeypatch.setattr(unet, "Conv", nn.Conv)
+  plain = jax.jit(jax.value_and_grad(loss))(params)
+  np.testing.assert_allclose(fast[0], plain[0], rtol=1e-5)
+  kernels = 0
+  fast, plain = jax.device_get((fast, plain))
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(fast[1]),
+                               jax.tree.leaves(plain[1]), strict=True):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4, err_msg=str(path))
+    kernels += "Conv" in str(path) and np.abs(want).max() > 0
+  assert kernels >= 10  # the comparison covered live convolution kernels
