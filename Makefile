@@ -1,6 +1,6 @@
 # The two commands a newcomer needs, each working from nothing on a fresh machine:
 #   make run      set up .venv and the data, train the Fashion-MNIST default, sweep w
-#   make test     set up, then run ruff and the test suite
+#   make test     set up with the test extras, then run ruff and the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,11 +12,17 @@ CONFIG := experiments/fashion_mnist.py
 TABLE1 ?= workdir/table1
 CLI := $(PY) -m cfgdiff.main --config=$(CONFIG)
 
-.PHONY: setup data train sample sweep run table1 test lint rehearse
+.PHONY: setup setup-test data train sample sweep run table1 test lint rehearse
 
+# The main job installs only what it imports; the tests add pytest, ruff and PyTorch
+# (the parity tests and benchmarks/ compare against it), about 5 GB more.
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[test,fid]"
 	touch $@
 
@@ -26,6 +32,8 @@ data:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
 setup: $(VENV)/.installed data
+
+setup-test: $(VENV)/.installed-test data
 
 train: setup
 	$(CLI) --workdir=$(WORKDIR)
@@ -44,10 +52,10 @@ table1: setup
 	$(CLI) --workdir=$(TABLE1) --mode=sweep \
 	  --config.sweep.guidance_weights="(0.0,0.1,0.3,0.5,1.0,2.0,4.0)"
 
-lint: setup
+lint: setup-test
 	$(PY) -m ruff check .
 
-test: setup lint
+test: setup-test lint
 	$(PY) -m pytest -q tests
 
 sample: setup
@@ -55,5 +63,5 @@ sample: setup
 
 # The ImageNet pod and SLURM path end to end on this CPU, with stand-in gcloud/srun
 # (tests/test_rehearsal.py); prints the rehearsal's log. Part of `make test` too.
-rehearse: setup
+rehearse: setup-test
 	$(PY) -m pytest -m rehearsal -s -q -p no:cacheprovider tests/test_rehearsal.py

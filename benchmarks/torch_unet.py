@@ -139,3 +139,39 @@ def guided_eps(net: TorchUNet, z, logsnr, label, w, null_label: int, fused: bool
     cond, uncond = net(z, logsnr, label), net(z, logsnr, null)
   w = w[:, None, None, None]
   return (1 + w) * cond - w * uncond
+
+
+def adam_train_step(net: TorchUNet, batch_size: int, image_shape, num_classes: int,
+                    p_uncond: float = 0.2, learning_rate: float = 1e-4, seed: int = 0):
+  """A closure running one training step of the paper's loss on a fixed batch, in eager
+  PyTorch with Adam: noise at a uniform log-SNR in [-10, 10], label dropped to the null
+  token with probability ``p_uncond``, eps-prediction MSE, backward, update."""
+  leaves = []
+
+  def collect(tree):
+    for value in tree.values():
+      if isinstance(value, dict):
+        collect(value)
+      else:
+        leaves.append(value.requires_grad_(True))
+
+  collect(net.p)
+  optimizer = torch.optim.Adam(leaves, lr=learning_rate)
+  generator = torch.Generator().manual_seed(seed)
+  x = torch.rand((batch_size,) + tuple(image_shape), generator=generator) * 2 - 1
+  y = torch.randint(0, num_classes, (batch_size,), generator=generator)
+
+  def step() -> float:
+    logsnr = torch.rand(batch_size, generator=generator) * 20 - 10
+    alpha = torch.sigmoid(logsnr).sqrt()[:, None, None, None]
+    sigma = torch.sigmoid(-logsnr).sqrt()[:, None, None, None]
+    eps = torch.randn(x.shape, generator=generator)
+    drop = torch.rand(batch_size, generator=generator) < p_uncond
+    label = torch.where(drop, torch.full_like(y, num_classes), y)
+    loss = torch.mean(torch.square(net(alpha * x + sigma * eps, logsnr, label) - eps))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+  return step

@@ -21,7 +21,6 @@ from flax import serialization
 
 from cfgdiff import data, files
 from cfgdiff.evaluation import batching
-from cfgdiff.models import conv
 
 FEATURE_DIM = 128
 
@@ -39,8 +38,7 @@ class Classifier(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """x: float32 [B, H, W, C] in [-1, 1] -> (features [B, 128], logits [B, num_classes])."""
     for width in (32, 64, 128):
-      x = nn.Conv(width, (3, 3), use_bias=False,
-                  conv_general_dilated=conv.conv_general_dilated)(x)
+      x = nn.Conv(width, (3, 3), use_bias=False)(x)
       x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
       x = nn.avg_pool(x, (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)

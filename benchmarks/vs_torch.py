@@ -1,0 +1,203 @@
+"""JAX (cfgdiff) against PyTorch eager on this CPU, in one invocation, as ratios.
+
+  python -m benchmarks.vs_torch [--models reference,fashion_mnist] [--steps 6] [--no-write]
+
+For each network: a training step (the paper's loss, Adam) and one guided evaluation
+(two passes of B), and the training step again with XLA's own convolution kernel gradient
+(before cfgdiff/models/conv.py), JAX jitted with one XLA device per core, PyTorch eager with one
+thread per core, both on the same network with the same initial weights. GFLOP/s use
+XLA's count of the step's floating-point operations for both frameworks and are set
+against each framework's own measured matmul peak (2048^3, all cores). Each JAX variant
+runs in a fresh process (the device count is fixed at JAX import); PyTorch runs here.
+Appends one table to BENCHMARKS.md with the CPU model and its vector extensions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from benchmarks.train_throughput import REFERENCE
+
+# The issue's comparison network (7.66M parameters, batch 64) and the CPU default (batch 16).
+MODELS = {"reference": (dict(REFERENCE, **{"model.dropout": 0.0}), 64),
+          "fashion_mnist": ({}, 16)}
+MATMUL = 2048
+
+
+def _config(model_name: str):
+  from experiments import get_experiment
+  config = get_experiment("fashion_mnist")
+  for key, value in MODELS[model_name][0].items():
+    section, name = key.split(".")
+    config[section][name] = value
+  config.train.batch_size = MODELS[model_name][1]
+  return config
+
+
+def _initial_params(config):
+  import jax
+  import jax.numpy as jnp
+
+  from cfgdiff import build
+  size, channels = config.data.image_size, config.data.channels
+  return build.make_model(config).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros(1),
+      jnp.zeros(1, jnp.int32))["params"]
+
+
+def _best_time(fn, repeats: int) -> float:
+  """Seconds of the fastest of ``repeats`` calls after a warm-up: on shared cores the
+  minimum is the least disturbed by other tenants."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def jax_worker(variant: dict) -> dict:
+  """Training step, guided evaluation and matmul peak in JAX; runs in its own process."""
+  from unittest import mock
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from cfgdiff import build, guidance, train
+  from cfgdiff.models import unet
+
+  config = _config(variant["model"])
+  batch, size = config.train.batch_size, config.data.image_size
+  mesh = build.make_mesh()
+  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
+  state = build.create_state(config, model, optimizer, mesh)
+  state = state.replace(params=jax.device_put(_initial_params(config), jax.tree.map(
+      lambda x: x.sharding, state.params)))
+  rng = np.random.default_rng(0)
+  images = build.global_batch({
+      "image": rng.uniform(-1, 1, (batch, size, size, 1)).astype(np.float32),
+      "label": rng.integers(0, 10, batch).astype(np.int32)}, mesh)
+  step = train.compile_train_step(config, model, optimizer, mesh).lower(state, images).compile()
+  train_flops = step.cost_analysis()["flops"] * jax.device_count()  # per device -> total
+  # The same step with XLA's own convolution kernel gradient (flax's nn.Conv), for the
+  # before/after ratio of cfgdiff/models/conv.py; timed alternately with the new one.
+  with mock.patch.object(unet, "Conv", nn.Conv):
+    xla_step = train.compile_train_step(config, model, optimizer, mesh).lower(
+        state, images).compile()
+
+  def train_once(compiled):
+    nonlocal state
+    state, metrics = compiled(state, images)
+    jax.block_until_ready(metrics)
+
+  out = {"train_s": float("inf"), "train_xla_conv_s": float("inf"), "train_flops": train_flops}
+  for _ in range(2):
+    out["train_s"] = min(out["train_s"], _best_time(lambda: train_once(step),
+                                                    variant["steps"]))
+    out["train_xla_conv_s"] = min(out["train_xla_conv_s"], _best_time(
+        lambda: train_once(xla_step), variant["steps"]))
+
+  split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  z, logsnr, label, w = (jax.device_put(a, split) for a in (
+      rng.normal(size=(batch, size, size, 1)).astype(np.float32), np.ones(batch, np.float32),
+      (np.arange(batch) % 10).astype(np.int32), np.ones(batch, np.float32)))
+
+  def guided(params, z, logsnr, label, w):
+    eps_fn = lambda z, l, y: model.apply({"params": params}, z, l, y)
+    return guidance.combine(*guidance.cond_and_uncond(eps_fn, z, logsnr, label, 10, False), w)
+
+  evaluate = jax.jit(guided, in_shardings=(replicated,) + (split,) * 4,
+                     out_shardings=split).lower(state.params, z, logsnr, label, w).compile()
+  out["eval_flops"] = evaluate.cost_analysis()["flops"] * jax.device_count()
+  out["eval_s"] = _best_time(lambda: jax.block_until_ready(
+      evaluate(state.params, z, logsnr, label, w)), variant["steps"])
+
+  # The matmul peak: one 2048^3 product per device, all devices at once.
+  a = jax.device_put(np.ones((jax.device_count() * MATMUL, MATMUL), np.float32), split)
+  b = jax.device_put(np.ones((MATMUL, MATMUL), np.float32), replicated)
+  matmul = jax.jit(jnp.matmul, in_shardings=(split, replicated), out_shardings=split)
+  out["matmul_gflops"] = 2 * jax.device_count() * MATMUL**3 / _best_time(
+      lambda: jax.block_until_ready(matmul(a, b)), 5) / 1e9
+  return out
+
+
+def torch_side(model_name: str, steps: int) -> dict:
+  import jax
+  import torch
+
+  from benchmarks.torch_unet import TorchUNet, adam_train_step, guided_eps
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  config = _config(model_name)
+  mc, batch, size = config.model, config.train.batch_size, config.data.image_size
+
+  def network():
+    return TorchUNet(jax.device_get(_initial_params(config)), mc.ch, mc.ch_mult,
+                     mc.num_res_blocks, mc.attn_resolutions, mc.head_channels, mc.num_heads)
+
+  out = {"train_s": _best_time(adam_train_step(
+      network(), batch, (1, size, size), 10, config.diffusion.p_uncond), steps)}
+  net, generator = network(), torch.Generator().manual_seed(0)
+  z = torch.randn((batch, 1, size, size), generator=generator)
+  logsnr, w, label = torch.ones(batch), torch.ones(batch), torch.arange(batch) % 10
+  with torch.inference_mode():
+    out["eval_s"] = _best_time(lambda: guided_eps(net, z, logsnr, label, w, 10, False), steps)
+  a = torch.ones(MATMUL, MATMUL)
+  out["matmul_gflops"] = 2 * MATMUL**3 / _best_time(lambda: a @ a, 5) / 1e9
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--worker", help="internal: run one JSON variant and print JSON")
+  parser.add_argument("--models", default="reference,fashion_mnist")
+  parser.add_argument("--steps", type=int, default=6, help="timed repeats (fastest kept)")
+  parser.add_argument("--no-write", action="store_true", help="print only")
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(jax_worker(json.loads(args.worker))))
+    return
+
+  from benchmarks import common
+  cores = os.cpu_count() or 1
+  header = ["network, batch", "what", f"JAX, {cores} devices (s)",
+            f"PyTorch, {cores} threads (s)", "JAX speed / PyTorch's", "JAX GFLOP/s (% of its peak)",
+            "PyTorch GFLOP/s (% of its peak)"]
+  rows = []
+  for model_name in args.models.split(","):
+    jax_r = common.run_variant("benchmarks.vs_torch", dict(model=model_name, steps=args.steps),
+                               cores, "--xla_cpu_multi_thread_eigen=false")
+    torch_r = torch_side(model_name, args.steps)
+    for what, key in (("training step", "train"), ("guided evaluation", "eval")):
+      jax_s, torch_s = jax_r[f"{key}_s"], torch_r[f"{key}_s"]
+      jax_rate, torch_rate = (jax_r[f"{key}_flops"] / s / 1e9 for s in (jax_s, torch_s))
+      rows.append([f"{model_name}, {MODELS[model_name][1]}", what, f"{jax_s:.3f}",
+                   f"{torch_s:.3f}", f"{torch_s / jax_s:.2f}",
+                   f"{jax_rate:.0f} ({100 * jax_rate / jax_r['matmul_gflops']:.0f}%)",
+                   f"{torch_rate:.0f} ({100 * torch_rate / torch_r['matmul_gflops']:.0f}%)"])
+      print(" | ".join(rows[-1]), flush=True)
+    xla_conv_s = jax_r["train_xla_conv_s"]
+    rows.append([f"{model_name}, {MODELS[model_name][1]}",
+                 "training step, XLA's kernel gradient (before conv.py)", f"{xla_conv_s:.3f}",
+                 f"{torch_r['train_s']:.3f}", f"{torch_r['train_s'] / xla_conv_s:.2f}",
+                 f"{jax_r['train_flops'] / xla_conv_s / 1e9:.0f}", "-"])
+    print(" | ".join(rows[-1]), flush=True)
+  rows.append(["matmul 2048^3", "peak", "-", "-", "-", f"{jax_r['matmul_gflops']:.0f}",
+               f"{torch_r['matmul_gflops']:.0f}"])
+  print(" | ".join(rows[-1]))
+  if not args.no_write:
+    common.append_section("JAX against PyTorch eager, training and guided evaluation",
+                          f"python -m benchmarks.vs_torch --models {args.models} "
+                          f"--steps {args.steps}", header, rows)
+
+
+if __name__ == "__main__":
+  main()
