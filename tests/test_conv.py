@@ -18,12 +18,15 @@ def _loss(conv_fn, padding):
                                                    dimension_numbers=NHWC)))
 
 
+C = conv.MIN_INPUT_CHANNELS  # the fewest input channels that take the taps path
+
+
 @pytest.mark.parametrize("image, kernel_shape, padding", [
-    ((2, 9, 7, 3), (3, 3, 3, 5), "SAME"),
-    ((2, 9, 7, 3), (1, 1, 3, 5), "SAME"),
-    ((2, 9, 7, 3), (3, 3, 3, 5), "VALID"),
-    ((1, 6, 6, 4), (5, 5, 4, 2), "SAME"),
-    ((2, 9, 7, 3), (3, 2, 3, 5), ((2, 0), (1, 3))),  # uneven, output larger than input
+    ((2, 9, 7, C), (3, 3, C, 5), "SAME"),
+    ((2, 9, 7, C), (1, 1, C, 5), "SAME"),
+    ((2, 9, 7, C), (3, 3, C, 5), "VALID"),
+    ((1, 6, 6, C), (5, 5, C, 2), "SAME"),
+    ((2, 9, 7, C), (3, 2, C, 5), ((2, 0), (1, 3))),  # uneven, output larger than input
 ])
 def test_value_and_gradients_equal_xla_convolution(image, kernel_shape, padding):
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
@@ -37,21 +40,23 @@ def test_value_and_gradients_equal_xla_convolution(image, kernel_shape, padding)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_gradient_is_matrix_products_on_cpu():
+@pytest.mark.parametrize("channels, expected", [(C, 2), (C - 1, 3)])
+def test_kernel_gradient_is_matrix_products_on_cpu(channels, expected):
   """On CPU the compiled gradient holds two convolutions (forward, input gradient), not
-  three: the kernel gradient is the taps' dot products."""
-  x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+  three: the kernel gradient is the taps' dot products. Below MIN_INPUT_CHANNELS it is
+  XLA's own."""
+  x, kernel = jnp.ones((2, 8, 8, channels)), jnp.ones((3, 3, channels, 6))
 
   def convolutions(conv_fn):
     hlo = jax.jit(jax.grad(_loss(conv_fn, "SAME"), (0, 1))).lower(x, kernel).compile().as_text()
     return hlo.count(" convolution(")
 
   assert convolutions(lax.conv_general_dilated) == 3
-  assert convolutions(conv.conv_general_dilated) == 2
+  assert convolutions(conv.conv_general_dilated) == expected
 
 
 def test_other_convolutions_are_passed_to_xla():
-  x, kernel = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 2))
+  x, kernel = jnp.ones((1, 8, 8, C)), jnp.ones((3, 3, C, 2))
   strided = conv.conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=NHWC)
   np.testing.assert_array_equal(strided, lax.conv_general_dilated(
       x, kernel, (2, 2), "SAME", dimension_numbers=NHWC))
@@ -61,8 +66,8 @@ def test_unet_gradients_equal_those_with_flax_convolution(monkeypatch):
   """The whole U-Net: same parameters, output and parameter gradients as with nn.Conv."""
   from tests import tiny_config
   config = tiny_config.get_config()
-  model = unet.UNet(num_classes=config.data.num_classes, ch=4, ch_mult=(1, 2),
-                    num_res_blocks=1, attn_resolutions=(), head_channels=4)
+  model = unet.UNet(num_classes=config.data.num_classes, ch=C, ch_mult=(1, 2),
+                    num_res_blocks=1, attn_resolutions=(), head_channels=C)
   z = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
   logsnr, label = jnp.array([-1.0, 2.0]), jnp.array([0, config.data.num_classes])
   # Random values for every parameter (live output layers, so every kernel gets a
