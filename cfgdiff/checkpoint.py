@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from cfgdiff import files
@@ -45,8 +46,15 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}; train first with "
                             "--mode=train or point --workdir at a trained run.")
     if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
-                                             save_interval_steps=0)
+      # Each process reads on its own, with none of Orbax's cross-process barriers: beside
+      # a live training job one process can fail to read a step that training just
+      # deleted while the others read it, and a barrier the failed process skips would
+      # pair with the next collective it makes (the sweep's agreement on the failure).
+      me = jax.process_index()
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, max_to_keep=None, save_interval_steps=0,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              primary_host=me, active_processes={me}))
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
