@@ -8,6 +8,8 @@ import os
 import platform
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
@@ -30,6 +32,31 @@ def cpu_description() -> tuple[str, str]:
   except OSError:
     pass
   return model, " ".join(v for v in VECTOR_FLAGS if v in flags) or "-"
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+  """Seconds of the fastest of ``repeats`` calls of ``fn`` after one warm-up call: on
+  shared cores the minimum is the least disturbed by other tenants."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def initial_params(config) -> dict:
+  """The U-Net parameters of ``config`` at PRNGKey(0): the weights every JAX-vs-PyTorch
+  comparison gives both frameworks."""
+  import jax
+  import jax.numpy as jnp
+
+  from cfgdiff import build
+  size, channels = config.data.image_size, config.data.channels
+  return build.make_model(config).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros(1),
+      jnp.zeros(1, jnp.int32))["params"]
 
 
 def run_variant(module: str, variant: dict, devices: int, extra_xla_flags: str = "") -> dict:

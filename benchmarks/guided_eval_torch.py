@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
+from benchmarks import common
 from benchmarks.train_throughput import REFERENCE
 
 CONFIG_OVERRIDES = dict(REFERENCE, **{"model.dropout": 0.0})
@@ -30,23 +30,6 @@ def _config():
   return config
 
 
-def _params(config, model):
-  import jax
-  import jax.numpy as jnp
-  return model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros(1),
-                    jnp.zeros(1, jnp.int32))["params"]
-
-
-def _best_time(fn, repeats: int) -> float:
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
-
-
 def jax_worker(variant: dict) -> dict:
   import jax
   import numpy as np
@@ -57,7 +40,7 @@ def jax_worker(variant: dict) -> dict:
 
   config = _config()
   model, mesh = build.make_model(config), build.make_mesh()
-  params = _params(config, model)
+  params = common.initial_params(config)
   b = variant["batch"]
   rng = np.random.default_rng(0)
   split, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -72,7 +55,7 @@ def jax_worker(variant: dict) -> dict:
       cond, uncond = guidance.cond_and_uncond(eps_fn, z, l, y, 10, fused)
       return guidance.combine(cond, uncond, w)
     fn = jax.jit(guided, in_shardings=(rep, split, split, split, split), out_shardings=split)
-    out["fused" if fused else "two_pass"] = _best_time(
+    out["fused" if fused else "two_pass"] = common.best_time(
         lambda fn=fn: jax.block_until_ready(fn(params, z, logsnr, label, w)),
         variant["repeats"])
   return out
@@ -87,8 +70,7 @@ def torch_times(batch: int, repeats: int) -> dict:
 
   torch.set_num_threads(os.cpu_count() or 1)
   config = _config()
-  from cfgdiff import build
-  params = jax.device_get(_params(config, build.make_model(config)))
+  params = jax.device_get(common.initial_params(config))
   mc = config.model
   net = TorchUNet(params, mc.ch, mc.ch_mult, mc.num_res_blocks, mc.attn_resolutions,
                   mc.head_channels, mc.num_heads)
@@ -99,7 +81,7 @@ def torch_times(batch: int, repeats: int) -> dict:
   out = {}
   with torch.inference_mode():
     for fused in (False, True):
-      out["fused" if fused else "two_pass"] = _best_time(
+      out["fused" if fused else "two_pass"] = common.best_time(
           lambda fused=fused: guided_eps(net, z, logsnr, label, w, 10, fused), repeats)
   return out
 
@@ -118,7 +100,6 @@ def main() -> None:
     print(json.dumps(jax_worker(json.loads(args.worker))))
     return
 
-  from benchmarks import common
   variant = dict(batch=args.batch, repeats=args.repeats)
   cores = os.cpu_count() or 1
   results = {

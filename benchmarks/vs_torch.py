@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
+from benchmarks import common
 from benchmarks.train_throughput import REFERENCE
 
 # The issue's comparison network (7.66M parameters, batch 64) and the CPU default (batch 16).
@@ -35,29 +35,6 @@ def _config(model_name: str):
     config[section][name] = value
   config.train.batch_size = MODELS[model_name][1]
   return config
-
-
-def _initial_params(config):
-  import jax
-  import jax.numpy as jnp
-
-  from cfgdiff import build
-  size, channels = config.data.image_size, config.data.channels
-  return build.make_model(config).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros(1),
-      jnp.zeros(1, jnp.int32))["params"]
-
-
-def _best_time(fn, repeats: int) -> float:
-  """Seconds of the fastest of ``repeats`` calls after a warm-up: on shared cores the
-  minimum is the least disturbed by other tenants."""
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def jax_worker(variant: dict) -> dict:
@@ -79,7 +56,7 @@ def jax_worker(variant: dict) -> dict:
   mesh = build.make_mesh()
   model, optimizer = build.make_model(config), build.make_optimizer(config.train)
   state = build.create_state(config, model, optimizer, mesh)
-  state = state.replace(params=jax.device_put(_initial_params(config), jax.tree.map(
+  state = state.replace(params=jax.device_put(common.initial_params(config), jax.tree.map(
       lambda x: x.sharding, state.params)))
   rng = np.random.default_rng(0)
   images = build.global_batch({
@@ -100,9 +77,9 @@ def jax_worker(variant: dict) -> dict:
 
   out = {"train_s": float("inf"), "train_xla_conv_s": float("inf"), "train_flops": train_flops}
   for _ in range(2):
-    out["train_s"] = min(out["train_s"], _best_time(lambda: train_once(step),
+    out["train_s"] = min(out["train_s"], common.best_time(lambda: train_once(step),
                                                     variant["steps"]))
-    out["train_xla_conv_s"] = min(out["train_xla_conv_s"], _best_time(
+    out["train_xla_conv_s"] = min(out["train_xla_conv_s"], common.best_time(
         lambda: train_once(xla_step), variant["steps"]))
 
   split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -117,14 +94,14 @@ def jax_worker(variant: dict) -> dict:
   evaluate = jax.jit(guided, in_shardings=(replicated,) + (split,) * 4,
                      out_shardings=split).lower(state.params, z, logsnr, label, w).compile()
   out["eval_flops"] = evaluate.cost_analysis()["flops"] * jax.device_count()
-  out["eval_s"] = _best_time(lambda: jax.block_until_ready(
+  out["eval_s"] = common.best_time(lambda: jax.block_until_ready(
       evaluate(state.params, z, logsnr, label, w)), variant["steps"])
 
   # The matmul peak: one 2048^3 product per device, all devices at once.
   a = jax.device_put(np.ones((jax.device_count() * MATMUL, MATMUL), np.float32), split)
   b = jax.device_put(np.ones((MATMUL, MATMUL), np.float32), replicated)
   matmul = jax.jit(jnp.matmul, in_shardings=(split, replicated), out_shardings=split)
-  out["matmul_gflops"] = 2 * jax.device_count() * MATMUL**3 / _best_time(
+  out["matmul_gflops"] = 2 * jax.device_count() * MATMUL**3 / common.best_time(
       lambda: jax.block_until_ready(matmul(a, b)), 5) / 1e9
   return out
 
@@ -140,18 +117,18 @@ def torch_side(model_name: str, steps: int) -> dict:
   mc, batch, size = config.model, config.train.batch_size, config.data.image_size
 
   def network():
-    return TorchUNet(jax.device_get(_initial_params(config)), mc.ch, mc.ch_mult,
+    return TorchUNet(jax.device_get(common.initial_params(config)), mc.ch, mc.ch_mult,
                      mc.num_res_blocks, mc.attn_resolutions, mc.head_channels, mc.num_heads)
 
-  out = {"train_s": _best_time(adam_train_step(
+  out = {"train_s": common.best_time(adam_train_step(
       network(), batch, (1, size, size), 10, config.diffusion.p_uncond), steps)}
   net, generator = network(), torch.Generator().manual_seed(0)
   z = torch.randn((batch, 1, size, size), generator=generator)
   logsnr, w, label = torch.ones(batch), torch.ones(batch), torch.arange(batch) % 10
   with torch.inference_mode():
-    out["eval_s"] = _best_time(lambda: guided_eps(net, z, logsnr, label, w, 10, False), steps)
+    out["eval_s"] = common.best_time(lambda: guided_eps(net, z, logsnr, label, w, 10, False), steps)
   a = torch.ones(MATMUL, MATMUL)
-  out["matmul_gflops"] = 2 * MATMUL**3 / _best_time(lambda: a @ a, 5) / 1e9
+  out["matmul_gflops"] = 2 * MATMUL**3 / common.best_time(lambda: a @ a, 5) / 1e9
   return out
 
 
@@ -166,7 +143,6 @@ def main() -> None:
     print(json.dumps(jax_worker(json.loads(args.worker))))
     return
 
-  from benchmarks import common
   cores = os.cpu_count() or 1
   header = ["network, batch", "what", f"JAX, {cores} devices (s)",
             f"PyTorch, {cores} threads (s)", "JAX speed / PyTorch's", "JAX GFLOP/s (% of its peak)",
