@@ -111,6 +111,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.sweep.pr_k = 3  # neighbourhood size of precision/recall
   config.sweep.pr_max_points = 10_000  # precision/recall on at most this many per set
   config.sweep.poll_seconds = 0  # > 0: keep polling WORKDIR for new checkpoints
+  # The score's contiguous splits over the samples in draw order (classes in turn): 1 =
+  # the whole set, so a confident, correct, class-balanced set scores the class count.
+  config.sweep.score_splits = 1
+  # Bootstrap replicates behind every standard error (0 = none). The same positions are
+  # resampled at every w, so differences between weights get paired errors.
+  config.sweep.bootstrap = 200
 
   # Devices: on a CPU-only host, one XLA device per core (0 = auto) is measurably
   # faster than one device using every core (see BENCHMARKS.md).
@@ -272,6 +278,11 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
   _require(sweep.pr_max_points > sweep.pr_k, "sweep.pr_max_points", sweep.pr_max_points,
            f"must exceed sweep.pr_k={sweep.pr_k}")
   _require(sweep.poll_seconds >= 0, "sweep.poll_seconds", sweep.poll_seconds, "must be >= 0")
+  _require(isinstance(sweep.score_splits, int) and 1 <= sweep.score_splits
+           <= sweep.num_samples, "sweep.score_splits", sweep.score_splits,
+           f"must be an integer in [1, sweep.num_samples={sweep.num_samples}]")
+  _require(isinstance(sweep.bootstrap, int) and (sweep.bootstrap == 0 or sweep.bootstrap >= 2),
+           "sweep.bootstrap", sweep.bootstrap, "must be 0 (no standard errors) or >= 2")
   weights = sweep.inception_weights
   _require(isinstance(weights, str) and (weights in INCEPTION_WEIGHTS or (
       "://" not in weights and os.path.isfile(weights))), "sweep.inception_weights", weights,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -25,14 +26,25 @@ from absl import logging
 
 from cfgdiff import checkpoint, configs, data, files, multihost, sampling
 from cfgdiff.evaluation import evaluator as evaluator_lib
+from cfgdiff.evaluation import metrics as metrics_lib
 from cfgdiff.progress import Progress
 
 # Every setting that changes the samples or the scores is a column and part of a cell's
 # key: a row is never reused for, or tabulated beside, another setting.
 SETTINGS = ("sampler", "steps", "num_samples", "v", "interval_lo", "interval_hi", "rescale",
-            "threshold", "clip_x", "seed", "feature_net")
-COLUMNS = ("run", "step", "p_uncond", "w", *SETTINGS, "fid", "fid_floor", "is_mean",
-           "is_std", "precision", "recall", "accuracy")
+            "threshold", "clip_x", "seed", "feature_net", "metrics", "score_splits",
+            "bootstrap")
+COLUMNS = ("run", "step", "p_uncond", "w", *SETTINGS, "fid", "fid_se", "fid_floor", "is_mean",
+           "is_mean_se", "precision", "precision_se", "recall", "recall_se", "accuracy",
+           "accuracy_se")
+# Bump when a metric's definition changes, so rows scored the old way are never reused
+# or tabulated beside new ones. 2: the score over contiguous splits (whole set by
+# default), the classifier's reference on the training split and its floor on
+# class-balanced test images, bootstrap standard errors.
+METRICS_VERSION = "2"
+# A difference between two weights is called resolved when it exceeds this many paired
+# standard errors.
+RESOLVED_SE = 2.0
 # How many times a sweep re-reads the newest step when the one it chose was deleted by
 # the training job (keep_checkpoints) before it could be restored.
 RESTORE_ATTEMPTS = 5
@@ -92,7 +104,8 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, str]:
   values = dict(sampler=sw.sampler, steps=sw.num_steps, num_samples=sw.num_samples, v=sc.v,
                 interval_lo=sc.guidance_interval[0], interval_hi=sc.guidance_interval[1],
                 rescale=sc.rescale, threshold=sc.threshold, clip_x=bool(sc.clip_x),
-                seed=config.seed, feature_net=feature_net)
+                seed=config.seed, feature_net=feature_net, metrics=METRICS_VERSION,
+                score_splits=sw.score_splits, bootstrap=sw.bootstrap)
   return {k: str(v) for k, v in values.items()}
 
 
@@ -106,7 +119,9 @@ def _canonical(value: str) -> str:
 
 
 def _setting_key(row: dict) -> tuple:
-  return tuple(_canonical(row.get(k) or "") for k in SETTINGS)
+  """A row's settings, read back from the CSV (strings) or just computed (any type);
+  missing columns (rows of an older sweep) are ''."""
+  return tuple(_canonical("" if row.get(k) is None else str(row[k])) for k in SETTINGS)
 
 
 def _cell_key(row: dict) -> tuple:
@@ -118,6 +133,39 @@ def _fmt(value: float, digits: int = 2) -> str:
       f"{value:.{digits}f}")
 
 
+def _number(value) -> float:
+  """A CSV or JSON field as a float; empty or missing is NaN."""
+  return math.nan if value in (None, "") else float(value)
+
+
+def _with_error(values: dict, key: str, digits: int) -> str:
+  """'62.01 ± 1.83', or the value alone when it has no standard error."""
+  value, error = _number(values.get(key)), _number(values.get(f"{key}_se"))
+  text = _fmt(value, digits)
+  return text if math.isnan(error) else f"{text} ± {_fmt(error, digits)}"
+
+
+def replicates_path(out_dir, row: dict) -> str:
+  """WORKDIR/sweep/replicates/<hash of the cell>.npz: a cell's bootstrap replicates."""
+  key = repr(_cell_key(row))
+  return str(files.path(out_dir) / "replicates" /
+             f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz")
+
+
+def _write_replicates(path: str, replicates: dict[str, np.ndarray]) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **replicates)
+  files.write_atomic(path, buffer.getvalue())
+
+
+def read_replicates(path: str) -> dict[str, np.ndarray] | None:
+  location = files.path(path)
+  if not location.exists():
+    return None
+  with np.load(io.BytesIO(location.read_bytes())) as f:
+    return {k: f[k] for k in f.files}
+
+
 def _latest_rows(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
   """The rows of each run's latest evaluated step, and that step per run."""
   latest: dict[str, int] = {}
@@ -126,9 +174,11 @@ def _latest_rows(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
   return [r for r in rows if int(r["step"]) == latest[r["run"]]], latest
 
 
-def results_markdown(rows: list[dict], floor: dict) -> str:
+def results_markdown(rows: list[dict], floor: dict,
+                     replicates: dict[tuple, dict[str, np.ndarray]] | None = None) -> str:
   """One section per distinct setting (sampler, steps, v, ... feature net), each in the
-  paper's Table 1 layout; rows of different settings are never in one table."""
+  paper's Table 1 layout; rows of different settings are never in one table.
+  ``replicates``: cell key -> bootstrap replicates, for the differences between weights."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     groups.setdefault(_setting_key(row), []).append(row)
@@ -136,13 +186,19 @@ def results_markdown(rows: list[dict], floor: dict) -> str:
   for key, group in groups.items():
     described = ", ".join(f"{k}={v}" for k, v in zip(SETTINGS, key, strict=True) if v)
     sections.append((f"### Setting: {described}\n\n" if len(groups) > 1 else "")
-                    + _table_markdown(group, floor))
+                    + _table_markdown(group, floor, replicates or {}))
   return "\n".join(sections)
 
 
-def _table_markdown(rows: list[dict], floor: dict) -> str:
-  """The paper's Table 1 layout: rows w, one column per p_uncond, for FID and for IS
-  (the latest step of each run), then precision, recall and class accuracy."""
+DIFFERENCE_METRICS = (("FID", "fid", 2), ("score", "is_mean", 2), ("precision", "precision", 3),
+                      ("recall", "recall", 3), ("accuracy", "accuracy", 3))
+
+
+def _table_markdown(rows: list[dict], floor: dict,
+                    replicates: dict[tuple, dict[str, np.ndarray]]) -> str:
+  """The paper's Table 1 layout: rows w, one column per p_uncond, for FID and for the
+  score (the latest step of each run), then precision, recall and class accuracy, each
+  value ± its bootstrap standard error; then the differences between adjacent weights."""
   rows, latest = _latest_rows(rows)
   runs = sorted({(float(r["p_uncond"]), r["run"]) for r in rows})
   names = {run: f"p_uncond={p:g}" for p, run in runs}
@@ -152,8 +208,10 @@ def _table_markdown(rows: list[dict], floor: dict) -> str:
   cell = {(r["run"], float(r["w"])): r for r in rows}
   first = rows[0] if rows else {}
   lines = [f"Sampler {first.get('sampler')}, {first.get('steps')} steps, "
-           f"{first.get('num_samples')} samples per cell; checkpoint steps "
-           + ", ".join(f"{names[run]}: {latest[run]}" for _, run in runs) + ".", ""]
+           f"{first.get('num_samples')} samples per cell (the same seeds and labels at every "
+           "w); checkpoint steps "
+           + ", ".join(f"{names[run]}: {latest[run]}" for _, run in runs) + ". "
+           f"± is one bootstrap standard error ({first.get('bootstrap')} replicates).", ""]
   for title, keys, digits in (("FID (lower is better)", ("fid",), 2),
                               ("Inception-style score (higher is better)", ("is_mean",), 2),
                               ("Precision / recall (k-NN manifolds)", ("precision", "recall"), 3),
@@ -161,19 +219,55 @@ def _table_markdown(rows: list[dict], floor: dict) -> str:
     lines += [f"**{title}**", "", "| w | " + " | ".join(names[run] for _, run in runs) + " |",
               "|---|" + "---|" * len(runs)]
     for w in weights:
-      values = [" / ".join(_fmt(float(cell[(run, w)][k]), digits) for k in keys)
+      values = [" / ".join(_with_error(cell[(run, w)], k, digits) for k in keys)
                 if (run, w) in cell else "-" for _, run in runs]
       lines.append(f"| {w:g} | " + " | ".join(values) + " |")
     lines.append("")
-  lines.append(f"Real training images, same count, against the same reference (the floor): "
-               f"FID {_fmt(floor['fid'])}, score {_fmt(floor['is_mean'])}, precision "
-               f"{_fmt(floor['precision'], 3)}, recall {_fmt(floor['recall'], 3)}, accuracy "
-               f"{_fmt(floor['accuracy'], 3)}.")
-  return "\n".join(lines) + "\n"
+  accuracy = _number(floor.get("classifier_test_accuracy"))
+  lines.append("Real held-out images, class-balanced, as many as samples per cell, against "
+               f"the same reference (the floor): FID {_with_error(floor, 'fid', 2)}, score "
+               f"{_with_error(floor, 'is_mean', 2)}, precision "
+               f"{_with_error(floor, 'precision', 3)}, recall {_with_error(floor, 'recall', 3)}, "
+               f"accuracy {_with_error(floor, 'accuracy', 3)}."
+               + ("" if math.isnan(accuracy) else
+                  f" The feature network's own test accuracy: {100 * accuracy:.2f}%."))
+  differences = _differences_markdown(runs, names, weights, cell, replicates)
+  return "\n".join(lines + differences) + "\n"
+
+
+def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
+  """Adjacent weights of each run: the change of each metric ± its paired standard
+  error, marked * where it exceeds RESOLVED_SE errors."""
+  lines = []
+  for _, run in runs:
+    for w0, w1 in zip(weights[:-1], weights[1:], strict=True):
+      a, b = cell.get((run, w0)), cell.get((run, w1))
+      ra = replicates.get(_cell_key(a)) if a else None
+      rb = replicates.get(_cell_key(b)) if b else None
+      if ra is None or rb is None:
+        continue
+      entries = []
+      for _, key, digits in DIFFERENCE_METRICS:
+        if key not in ra or key not in rb or len(ra[key]) != len(rb[key]):
+          entries.append("-")
+          continue
+        change = _number(b[key]) - _number(a[key])
+        error = metrics_lib.standard_error(rb[key] - ra[key])
+        mark = " *" if abs(change) > RESOLVED_SE * error else ""
+        entries.append(f"{change:+.{digits}f} ± {error:.{digits}f}{mark}")
+      lines.append(f"| {names[run]} | {w0:g} → {w1:g} | " + " | ".join(entries) + " |")
+  if not lines:
+    return []
+  header = ["", f"**Change between adjacent weights** (paired bootstrap over the same "
+            f"seeds; * where the change exceeds {RESOLVED_SE:g} standard errors)", "",
+            "| run | w | " + " | ".join(name for name, _, _ in DIFFERENCE_METRICS) + " |",
+            "|---|---|" + "---|" * len(DIFFERENCE_METRICS)]
+  return header + lines
 
 
 def plot_tradeoff(rows: list[dict], path: str) -> None:
-  """FID against the score, one curve per run (p_uncond), points labelled with w."""
+  """FID against the score, one curve per run (p_uncond), points labelled with w, with
+  one-standard-error bars on both."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -181,16 +275,19 @@ def plot_tradeoff(rows: list[dict], path: str) -> None:
   figure, axes = plt.subplots(figsize=(6, 4.5))
   rows, _ = _latest_rows(rows)
   for p_uncond, run in sorted({(float(r["p_uncond"]), r["run"]) for r in rows}):
-    points = sorted((float(r["w"]), float(r["is_mean"]), float(r["fid"])) for r in rows
-                    if r["run"] == run)
-    axes.plot([p[1] for p in points], [p[2] for p in points], "o-",
-              label=f"p_uncond={p_uncond:g}")
-    for w, score, value in points:
+    points = sorted((float(r["w"]), _number(r["is_mean"]), _number(r["fid"]),
+                     _number(r.get("is_mean_se")), _number(r.get("fid_se")))
+                    for r in rows if r["run"] == run)
+    axes.errorbar([p[1] for p in points], [p[2] for p in points],
+                  xerr=[0 if math.isnan(p[3]) else p[3] for p in points],
+                  yerr=[0 if math.isnan(p[4]) else p[4] for p in points], fmt="o-",
+                  capsize=2, label=f"p_uncond={p_uncond:g}")
+    for w, score, value, _, _ in points:
       axes.annotate(f"{w:g}", (score, value), textcoords="offset points", xytext=(4, 3),
                     fontsize=7)
   axes.set_xlabel("Inception-style score (classifier)")
   axes.set_ylabel("FID (classifier features)")
-  axes.set_title("Guidance trade-off: FID vs score, points labelled with w")
+  axes.set_title("Guidance trade-off: FID vs score over w (± 1 s.e.)")
   axes.legend()
   figure.tight_layout()
   buffer = io.BytesIO()
@@ -269,12 +366,15 @@ def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
   scores = accumulator.result()
   names = (list(data.FASHION_MNIST_CLASSES) if run_config.data.name == "fashion_mnist"
            else None)
+  row = dict(run=run.name, step=sampler.step, p_uncond=run_config.diffusion.p_uncond, w=w,
+             **settings(config), **scores.values)
   if jax.process_index() == 0:
     png, _ = sampling.write_samples(out_dir, w, grid, labels[:len(grid)], names,
                                     stem=f"{run.name}_w{w}")
     logging.info("Wrote %s", png)
-  return dict(run=run.name, step=sampler.step, p_uncond=run_config.diffusion.p_uncond, w=w,
-              **settings(config), **scores)
+    if scores.replicates:
+      _write_replicates(replicates_path(out_dir, row), scores.replicates)
+  return row
 
 
 def _floor(config: ml_collections.ConfigDict, runs: list[Run], out_dir,
@@ -283,7 +383,9 @@ def _floor(config: ml_collections.ConfigDict, runs: list[Run], out_dir,
   built one (and then saved), else from WORKDIR/sweep/floor.json, so a sweep with nothing
   left to do does not score num_samples real images again just to print the table."""
   path = out_dir / "floor.json"
-  key = "|".join(f"{k}={settings(config)[k]}" for k in ("num_samples", "feature_net"))
+  key = "|".join(f"{k}={settings(config)[k]}" for k in ("num_samples", "feature_net",
+                                                          "metrics", "score_splits",
+                                                          "bootstrap"))
   saved = multihost.agreed(json.loads(path.read_text()) if path.exists() else {})
   if evaluator is None and key in saved:
     return saved[key]
@@ -340,7 +442,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       for w in todo:
         row = _evaluate_cell(r, sampler, w, config, evaluator, out_dir, progress)
         logging.info("%s step %d w=%g: %s", r.name, sampler.step, w,
-                     {k: row[k] for k in ("fid", "is_mean", "precision", "recall", "accuracy")})
+                     {k: round(row[k], 4) for k in evaluator_lib.METRICS})
         rows.append(row | {"fid_floor": evaluator.floor["fid"]})
         done.add(_cell_key({k: str(v) for k, v in row.items()}))
         if jax.process_index() == 0:
@@ -351,7 +453,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     logging.info("Sweep: waiting %d s for new checkpoints.", sw.poll_seconds)
     time.sleep(sw.poll_seconds)
 
-  table = results_markdown(rows, _floor(config, runs, out_dir, evaluator))
+  replicates = {}
+  for row in _latest_rows(rows)[0] if jax.process_index() == 0 else []:
+    found = read_replicates(replicates_path(out_dir, row))
+    if found is not None:
+      replicates[_cell_key(row)] = found
+  table = results_markdown(rows, _floor(config, runs, out_dir, evaluator), replicates)
   paths = [str(out_dir / name) for name in ("results.md", "tradeoff.png")]
   if jax.process_index() == 0:
     files.write_atomic(paths[0], table)

@@ -55,6 +55,11 @@ def get_config():
   config.sweep.sampler = "ancestral"
   config.sweep.num_steps = 256
   config.sweep.feature_net = "inception"
+  # The published Inception Scores' convention: 10 contiguous splits of 5,000 (each
+  # class-balanced, as the classes are drawn in turn).
+  config.sweep.score_splits = 10
+  # Each FID replicate costs a 2048 x 2048 covariance and eigendecomposition (~1 s).
+  config.sweep.bootstrap = 50
   # pytorch-fid's FID Inception with its 1008-way classifier, so the table has FID and IS
   # (ADM's protocol: IS without the output bias); downloaded once, SHA-256 checked.
   config.sweep.inception_weights = "download"

@@ -51,13 +51,14 @@ def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
           rng.integers(0, CLASSES, n).astype(np.int32))
 
 
-def _evaluator(pr_max_points: int = 12) -> ev.Evaluator:
+def _evaluator(pr_max_points: int = 12, bootstrap: int = 0) -> ev.Evaluator:
   features = FakeFeatures(4 * 4 * 3)
   real, _ = _images(40, seed=1)
   feats, _ = features(real)
   stats = metrics.GaussianStats(DIM)
   stats.update(feats)
-  return ev.Evaluator(features, stats, feats, pr_k=3, pr_max_points=pr_max_points)
+  return ev.Evaluator(features, stats, feats, pr_k=3, pr_max_points=pr_max_points,
+                      bootstrap=bootstrap)
 
 
 def test_one_process_scores_what_it_always_did():
@@ -67,16 +68,42 @@ def test_one_process_scores_what_it_always_did():
   for start in range(0, 30, 7):
     stop = min(start + 7, 30)
     acc.update(images[start:stop], labels[start:stop], np.arange(start, stop))
-  got = acc.result()
+  got = acc.result().values
   feats, probs = evaluator.features(images)
   stats = metrics.GaussianStats(DIM)
   stats.update(feats)
   # The streaming sums, the probabilities in arrival order, the first pr_max_points.
   assert got["fid"] == pytest.approx(metrics.fid(stats, evaluator.reference_stats), rel=1e-12)
-  assert (got["is_mean"], got["is_std"]) == metrics.inception_score(probs)
+  assert got["is_mean"] == metrics.inception_score(probs)
   assert (got["precision"], got["recall"]) == metrics.precision_recall(
       evaluator.reference_features[:12], feats[:12], k=3)
   assert got["accuracy"] == metrics.class_accuracy(probs, labels)
+  # No bootstrap asked for: no standard errors, never a made-up number.
+  assert all(np.isnan(got[f"{m}_se"]) for m in ev.METRICS)
+
+
+def test_standard_errors_are_the_spread_of_resampled_sets():
+  evaluator = _evaluator(pr_max_points=30, bootstrap=50)
+  images, labels = _images(30, seed=2)
+  acc = evaluator.accumulator()
+  acc.update(images, labels, np.arange(30))
+  scores = acc.result()
+  feats, probs = evaluator.features(images)
+  draws = metrics.bootstrap_draws(30, 50)
+  # Replicate b is the metric of the resampled set images[draws[b]], recomputed here
+  # from scratch for FID, the score and accuracy.
+  for b in (0, 17):
+    stats = metrics.GaussianStats(DIM)
+    stats.update(feats[draws[b]])
+    assert scores.replicates["fid"][b] == pytest.approx(
+        metrics.fid(stats, evaluator.reference_stats), rel=1e-8)
+    assert scores.replicates["is_mean"][b] == pytest.approx(
+        metrics.inception_score(probs[np.sort(draws[b])]), rel=1e-12)
+    assert scores.replicates["accuracy"][b] == metrics.class_accuracy(probs[draws[b]],
+                                                                      labels[draws[b]])
+  for name in ev.METRICS:
+    assert scores.values[f"{name}_se"] == pytest.approx(np.std(scores.replicates[name], ddof=1))
+    assert scores.values[f"{name}_se"] > 0
 
 
 def _shares(n: int, chunk: int, processes: int, process: int) -> list[np.ndarray]:
@@ -104,10 +131,10 @@ def test_parts_from_several_processes_merge_into_the_whole(processes):
   merged = ev.merge_partials(parts, evaluator.pr_max_points)
   np.testing.assert_array_equal(merged.order, np.arange(31))
   np.testing.assert_array_equal(merged.pr_order, np.arange(12))
-  got = evaluator.score(merged.stats, merged.probs, merged.labels, merged.pr_features)
-  expected = whole.result()
+  got = evaluator.score(merged.stats, merged.probs, merged.labels, merged.pr_features).values
+  expected = whole.result().values
   assert got.pop("fid") == pytest.approx(expected.pop("fid"), rel=1e-10)
-  assert got == expected
+  assert got == pytest.approx(expected, nan_ok=True)
 
 
 def test_the_same_index_twice_is_refused():
@@ -172,7 +199,7 @@ def test_reference_statistics_are_computed_once_then_read(imagenet64, tmp_path, 
   # The floor: sweep.num_samples validation images, a fixed random subset of the 16.
   validation = data.TfdsSource("imagenet_resized/64x64", "validation", imagenet64, 64)
   pick = np.sort(np.random.default_rng(1).permutation(16)[:12])
-  assert first.floor == first.evaluate(*validation.read(pick))
+  assert first.floor == pytest.approx(first.evaluate(*validation.read(pick)).values, nan_ok=True)
   assert np.isfinite(first.floor["is_mean"]) and 0 <= first.floor["accuracy"] <= 1
 
   again = ev.make_evaluator(config, config, str(tmp_path / "sweep"))
@@ -217,7 +244,7 @@ def _worker(coordinator: str, processes: int, process: int, cache_dir: str, out:
   stats2, reference2 = ev.reference_statistics(data.ArraySource(real, real_labels), features,
                                                pr_indices, DIM, own_cache)
   from_cache = features.images - computed
-  evaluator = ev.Evaluator(features, stats, reference, pr_k=3, pr_max_points=12)
+  evaluator = ev.Evaluator(features, stats, reference, pr_k=3, pr_max_points=12, bootstrap=20)
   images, labels = _images(30, seed=2)
   indexed = evaluator.accumulator()
   mine = [process] if jax.process_count() > 1 else range(2)  # one process plays both
@@ -229,8 +256,8 @@ def _worker(coordinator: str, processes: int, process: int, cache_dir: str, out:
                 cache_equal=bool(np.array_equal(stats2.outer, stats.outer)
                                  and np.array_equal(reference2, reference)),
                 reference_mean=stats.mean.tolist(), reference_count=stats.count,
-                reference_features=reference.tolist(), indexed=indexed.result(),
-                floor=evaluator.evaluate(real[:25], real_labels[:25]))
+                reference_features=reference.tolist(), indexed=indexed.result().values,
+                floor=evaluator.evaluate(real[:25], real_labels[:25]).values)
   with open(out, "w") as f:
     json.dump(result, f)
 
@@ -266,9 +293,12 @@ def test_two_processes_score_like_one(tmp_path):
   assert two[0] == two[1], "every process must get the same numbers"
   for key in ("indexed", "floor"):
     got, want = dict(two[0][key]), dict(one[key])
-    # Float64 sums added in another order: FID agrees to rounding, the rest exactly.
+    # Float64 sums added in another order: FID agrees to rounding, the rest exactly but
+    # FID's standard error, from float32 features of batches split differently.
     assert got.pop("fid") == pytest.approx(want.pop("fid"), rel=1e-9), key
-    assert got == want, key
+    assert got.pop("fid_se") == pytest.approx(want.pop("fid_se"), rel=1e-6), key
+    assert got == pytest.approx(want, rel=1e-12), key
+    assert all(np.isfinite(v) for v in got.values()), key
   assert two[0]["reference_count"] == 40
   np.testing.assert_allclose(two[0]["reference_mean"], one["reference_mean"], rtol=1e-12)
   assert two[0]["reference_features"] == one["reference_features"]

@@ -100,7 +100,7 @@ def test_inception_score_uses_the_logits_without_the_output_bias():
   logits = pool3.astype(np.float64) @ fc["kernel"].astype(np.float64)
   assert 0.3 < np.std(logits - logits.mean(axis=0)) < 30, "a useful spread for this test"
   np.testing.assert_allclose(probs, _softmax(logits), rtol=2e-4, atol=1e-7)
-  score = metrics.inception_score(probs, num_splits=1)[0]
+  score = metrics.inception_score(probs, num_splits=1)
   assert score == pytest.approx(_inception_score(_softmax(logits)), rel=1e-4)
   # The output bias would change the score: it is left out on purpose.
   with_bias = _inception_score(_softmax(logits + bias))

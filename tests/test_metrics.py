@@ -75,13 +75,90 @@ def test_combined_statistics_equal_those_of_all_features():
 
 def test_inception_score_of_one_hot_and_uniform_predictions():
   k = 10
-  one_hot = np.eye(k)[np.arange(50_000) % k]  # confident and evenly spread: IS = K
-  mean, std = metrics.inception_score(one_hot)
-  assert mean == pytest.approx(k, rel=3e-3) and std < 0.05
-  mean, std = metrics.inception_score(np.full((5000, k), 1.0 / k))  # no information: IS = 1
-  assert mean == pytest.approx(1.0) and std == pytest.approx(0.0, abs=1e-12)
+  one_hot = np.eye(k)[np.arange(200) % k]  # confident, correct, classes in turn: IS = K
+  assert metrics.inception_score(one_hot) == pytest.approx(k, rel=1e-12)
+  # Contiguous splits of a multiple of K stay balanced (a shuffle would give ~7.9).
+  assert metrics.inception_score(one_hot, num_splits=10) == pytest.approx(k, rel=1e-12)
+  assert metrics.inception_score(np.full((5000, k), 1.0 / k)) == pytest.approx(1.0)
   # All mass on one class: confident but no diversity, IS = 1.
-  assert metrics.inception_score(np.eye(k)[np.zeros(1000, int)])[0] == pytest.approx(1.0)
+  assert metrics.inception_score(np.eye(k)[np.zeros(1000, int)]) == pytest.approx(1.0)
+
+
+def test_inception_score_of_a_two_class_closed_form():
+  # Half the samples say [p, 1-p], half [1-p, p]: the marginal is uniform, so
+  # log IS = log 2 + p log p + (1-p) log(1-p).
+  p = 0.8
+  probs = np.array([[p, 1 - p], [1 - p, p]] * 50)
+  expected = np.exp(np.log(2) + p * np.log(p) + (1 - p) * np.log(1 - p))
+  assert metrics.inception_score(probs) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_reference_equals_the_frechet_distance():
+  rng = np.random.default_rng(4)
+  c1, c2 = _random_spd(rng, 16), _random_spd(rng, 16)
+  mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+  reference = metrics.FrechetReference(mu2, c2)
+  assert reference.distance(mu1, c1) == pytest.approx(
+      metrics.frechet_distance(mu1, c1, mu2, c2), rel=1e-10)
+
+
+def test_fid_replicates_are_the_fid_of_each_resampled_set():
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(60, 5)) + 1.0
+  reference_stats = metrics.GaussianStats(5)
+  reference_stats.update(rng.normal(size=(500, 5)))
+  reference = metrics.FrechetReference(reference_stats.mean, reference_stats.cov)
+  draws = np.stack([np.arange(60), rng.integers(0, 60, 60)])
+  got = metrics.fid_replicates(x, draws, reference)
+  for draw, value in zip(draws, got, strict=True):
+    stats = metrics.GaussianStats(5)
+    stats.update(x[draw])
+    assert value == pytest.approx(metrics.fid(stats, reference_stats), rel=1e-9)
+
+
+def test_bootstrap_draws_depend_only_on_the_size():
+  a, b = metrics.bootstrap_draws(50, 7), metrics.bootstrap_draws(50, 7)
+  np.testing.assert_array_equal(a, b)  # paired across the cells of a sweep
+  assert a.shape == (7, 50) and a.min() >= 0 and a.max() < 50
+  assert not np.array_equal(a, metrics.bootstrap_draws(50, 7, seed=1))
+
+
+def test_bootstrap_standard_errors_match_the_sampling_spread():
+  rng = np.random.default_rng(6)
+  # A fraction: the binomial standard error sqrt(p (1 - p) / n).
+  hits = rng.random(400) < 0.3
+  error = metrics.standard_error(metrics.mean_replicates(hits, metrics.bootstrap_draws(400, 2000)))
+  assert error == pytest.approx(np.sqrt(hits.mean() * (1 - hits.mean()) / 400), rel=0.1)
+  # FID of 300 Gaussian samples against a known Gaussian: the bootstrap error of one set
+  # against the spread of FID over 200 independent sets.
+  dim, n = 4, 300
+  mean, cov = np.full(dim, 0.5), np.diag([1.0, 2.0, 0.5, 1.5])
+  reference = metrics.FrechetReference(np.zeros(dim), np.eye(dim))
+
+  def sample_fid(samples):
+    return reference.distance(samples.mean(0), np.cov(samples, rowvar=False))
+  spread = np.std([sample_fid(rng.multivariate_normal(mean, cov, n)) for _ in range(200)])
+  one_set = rng.multivariate_normal(mean, cov, n)
+  error = metrics.standard_error(
+      metrics.fid_replicates(one_set, metrics.bootstrap_draws(n, 400), reference))
+  assert 0.7 * spread < error < 1.4 * spread
+
+
+def test_paired_replicates_resolve_a_small_shift_that_unpaired_errors_hide():
+  # Two sets from the same seeds, one shifted slightly: each FID has a large error, the
+  # paired difference a small one, as for two guidance weights sharing their noise.
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(200, 3))
+  y = x + 0.05
+  reference = metrics.FrechetReference(np.ones(3), np.eye(3))
+  draws = metrics.bootstrap_draws(200, 300)
+  fx, fy = (metrics.fid_replicates(s, draws, reference) for s in (x, y))
+  unpaired = np.hypot(metrics.standard_error(fx), metrics.standard_error(fy))
+  paired = metrics.standard_error(fy - fx)
+  assert paired < 0.2 * unpaired
+  change = reference.distance(y.mean(0), np.cov(y, rowvar=False)) - reference.distance(
+      x.mean(0), np.cov(x, rowvar=False))
+  assert abs(change) > 2 * paired
 
 
 def test_precision_recall_on_point_sets_with_known_answers():

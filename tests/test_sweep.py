@@ -43,9 +43,14 @@ def test_sweep_writes_table_plot_and_grids(swept):
     assert 0 <= float(r["accuracy"]) <= 1 and 1 <= float(r["is_mean"]) <= 4
     assert r["sampler"] == "ddim" and int(r["steps"]) == 4 and int(r["num_samples"]) == 24
     assert int(r["step"]) == 20
+    # Every metric has a bootstrap standard error, and its replicates are kept.
+    assert all(float(r[f"{m}_se"]) > 0 for m in ("fid", "is_mean", "accuracy")), r
+    assert os.path.exists(sweep.replicates_path(out, r))
   table = open(os.path.join(out, "results.md")).read()
   assert "| w | p_uncond=0.1 | p_uncond=0.5 |" in table and "| 3 |" in table
   assert "floor" in table and table.strip() in proc.stdout
+  assert " ± " in table and "test accuracy" in table
+  assert "| p_uncond=0.5 | 0 → 3 |" in table, table  # the paired change between weights
   assert os.path.getsize(os.path.join(out, "tradeoff.png")) > 1000
   assert os.path.exists(os.path.join(out, "p_uncond_0.5_w3.0.png"))
   assert os.path.exists(os.path.join(out, "classifier", "classifier.msgpack"))
@@ -107,8 +112,8 @@ def test_every_sample_setting_is_part_of_a_cell_and_tables_never_mix_settings():
   config = tiny_config.get_config()
   config.sweep.guidance_weights = (0.0, 1.0)
   run = sweep.Run("p_uncond_0.1", "unused", config)
-  scores = dict(fid="5.0", fid_floor="1.0", is_mean="2.0", is_std="0.1", precision="0.5",
-                recall="0.5", accuracy="0.7")
+  scores = dict(fid="5.0", fid_se="0.3", fid_floor="1.0", is_mean="2.0", is_mean_se="0.1",
+                precision="0.5", recall="0.5", accuracy="0.7")
   rows = [dict(run=run.name, step="7", p_uncond="0.1", w=str(w), **sweep.settings(config),
                **scores) for w in (0.0, 1.0)]
   # Round trip through the CSV, as a resumed sweep reads it.
@@ -120,14 +125,40 @@ def test_every_sample_setting_is_part_of_a_cell_and_tables_never_mix_settings():
     changed = config.copy_and_resolve_references()
     changed.sample[key] = value
     assert sweep._missing_weights(run, 7, done, changed) == [0.0, 1.0], key
-  for key, value in (("seed", 1),):
+  for key, value in (("seed", 1), ("sweep.bootstrap", 50), ("sweep.score_splits", 2)):
     changed = config.copy_and_resolve_references()
-    changed[key] = value
+    changed.update_from_flattened_dict({key: value})
     assert sweep._missing_weights(run, 7, done, changed) == [0.0, 1.0], key
+  # A row scored by an older version of the metrics is never reused.
+  old = {sweep._cell_key(dict(r, metrics="")) for r in rows}
+  assert sweep._missing_weights(run, 7, old, config) == [0.0, 1.0]
   changed = config.copy_and_resolve_references()
   changed.sample.v = 0.5
   rows += [dict(r, **sweep.settings(changed)) for r in rows]
   table = sweep.results_markdown(rows, {k: 1.0 for k in ("fid", "is_mean", "precision",
                                                           "recall", "accuracy")})
   assert table.count("### Setting:") == 2 and "v=0.5" in table and "v=0.3" in table
-  assert table.count("| 1 | 5.00 |") == 2, table  # one w=1 row per setting's FID table
+  assert table.count("| 1 | 5.00 ± 0.30 |") == 2, table  # one w=1 row per setting's FID table
+
+
+def test_changes_between_weights_carry_paired_errors_and_are_marked_when_resolved():
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  rng = np.random.default_rng(0)
+  shared = rng.normal(size=200)  # the replicates of both cells move together (same seeds)
+  cells = {0.0: (60.0, shared * 3), 1.0: (62.0, shared * 3 + 0.1 * rng.normal(size=200)),
+           2.0: (62.1, shared * 3 + 2.0 * rng.normal(size=200))}
+  rows, replicates = [], {}
+  for w, (fid, noise) in cells.items():
+    rows.append(dict(run="r", step="9", p_uncond="0.2", w=str(w), **sweep.settings(config),
+                     fid=str(fid), fid_se="3.0", is_mean="2.0", precision="0.5", recall="0.5",
+                     accuracy="0.7"))
+    replicates[sweep._cell_key(rows[-1])] = {"fid": fid + noise}
+  table = sweep.results_markdown(rows, {}, replicates)
+  lines = {line.split("|")[2].strip(): line for line in table.splitlines()
+           if line.startswith("| p_uncond=0.2 |")}
+  # 60 -> 62 with paired error ~0.1: resolved, though each FID has an error of 3.
+  error = np.std(cells[1.0][1] - cells[0.0][1], ddof=1)
+  assert f"+2.00 ± {error:.2f} *" in lines["0 → 1"]
+  # 62 -> 62.1 with paired error ~2: not resolved, no mark.
+  assert "+0.10 ± " in lines["1 → 2"] and "*" not in lines["1 → 2"]

@@ -2,8 +2,8 @@
 
 An Evaluator owns a feature network (features for FID and precision/recall, class
 probabilities for the score and accuracy), the reference statistics, and the floor:
-the same metrics for real images, the best a model can be expected to reach with that
-many samples.
+the same metrics for held-out real images, the best a model can be expected to reach
+with that many samples. Every metric comes with a bootstrap standard error (`Scores`).
 
 Several processes (jax.process_count() > 1): every process streams only its own share
 of the images through `Accumulator.update`, and `Accumulator.result`, which every process
@@ -154,9 +154,9 @@ class Accumulator:
     return Partial(self.stats, np.concatenate(self.probs), np.concatenate(self.labels),
                    np.concatenate(self.order), self.pr_features, self.pr_order)
 
-  def result(self) -> dict[str, float]:
-    """fid, is_mean, is_std, precision, recall, accuracy of all processes' images.
-    Collective: every process must call it."""
+  def result(self) -> Scores:
+    """The scores of all processes' images (`Evaluator.score`). Collective: every
+    process must call it."""
     part = reduce_across_processes(self.local_part(), self.evaluator.pr_max_points)
     repeated = part.order[1:][np.diff(part.order) == 0]
     if len(repeated):
@@ -166,35 +166,97 @@ class Accumulator:
     return self.evaluator.score(part.stats, part.probs, part.labels, part.pr_features)
 
 
+METRICS = ("fid", "is_mean", "precision", "recall", "accuracy")
+
+
+@dataclasses.dataclass
+class Scores:
+  """The metrics of one set of images, with bootstrap standard errors.
+
+  ``values``: each of METRICS and its standard error ``{metric}_se`` (NaN when there is
+  no bootstrap, or no classifier for the score and accuracy). ``replicates``: metric ->
+  float64 [B], the metric of each resampled set; the draws depend only on the sample
+  count, so two sets of the same size (two weights of a sweep, with the same seeds) have
+  paired replicates and the spread of their differences is the error of the difference.
+  """
+  values: dict[str, float]
+  replicates: dict[str, np.ndarray]
+
+
 class Evaluator:
-  """FID against ``reference_stats``, precision/recall against ``reference_features``."""
+  """FID against ``reference_stats``, precision/recall against ``reference_features``.
+
+  ``score_splits``: the score's contiguous splits (1 = the whole set; see
+  `metrics.inception_score`). ``bootstrap``: replicates behind each standard error
+  (0 = none).
+  """
 
   def __init__(self, features: FeatureFn, reference_stats: metrics.GaussianStats,
-               reference_features: np.ndarray, pr_k: int, pr_max_points: int):
+               reference_features: np.ndarray, pr_k: int, pr_max_points: int,
+               score_splits: int = 1, bootstrap: int = 0):
     self.features = features
     self.reference_stats = reference_stats
     self.reference_features = reference_features[:pr_max_points]
     self.pr_k, self.pr_max_points = pr_k, pr_max_points
+    self.score_splits, self.bootstrap = score_splits, bootstrap
+    self._frechet: metrics.FrechetReference | None = None
     self.floor: dict[str, float] = {}
 
   def accumulator(self) -> Accumulator:
     return Accumulator(self)
 
   def score(self, stats: metrics.GaussianStats, probs: np.ndarray, labels: np.ndarray,
-            pr_features: np.ndarray) -> dict[str, float]:
+            pr_features: np.ndarray) -> Scores:
+    """The metrics of a set: ``stats`` of all its features, ``probs`` [n, K] and
+    ``labels`` [n] of all its samples in index order, ``pr_features`` [m, D] of its first
+    m <= pr_max_points samples."""
     # Without a classifier head (the FID-only Inception weights) there is no score and
     # no accuracy: NaN, never a number from something else.
     has_classes = probs.shape[1] > 0
-    is_mean, is_std = metrics.inception_score(probs) if has_classes else (math.nan, math.nan)
+    correct = np.argmax(probs, axis=1) == labels if has_classes else None
     # Both sets equally large: precision and recall depend on the sample sizes.
     n = min(len(pr_features), len(self.reference_features))
-    precision, recall = metrics.precision_recall(self.reference_features[:n], pr_features[:n],
-                                                 k=self.pr_k)
-    return dict(fid=metrics.fid(stats, self.reference_stats), is_mean=is_mean, is_std=is_std,
-                precision=precision, recall=recall,
-                accuracy=metrics.class_accuracy(probs, labels) if has_classes else math.nan)
+    fake_in_real, real_in_fake = metrics.manifold_membership(
+        self.reference_features[:n], pr_features[:n], k=self.pr_k)
+    values = dict(fid=metrics.fid(stats, self.reference_stats),
+                  is_mean=(metrics.inception_score(probs, self.score_splits) if has_classes
+                           else math.nan),
+                  precision=float(fake_in_real.mean()), recall=float(real_in_fake.mean()),
+                  accuracy=float(correct.mean()) if has_classes else math.nan)
+    replicates = self._replicates(values["fid"], stats.count, probs, correct, pr_features,
+                                  fake_in_real, real_in_fake) if self.bootstrap else {}
+    for name in METRICS:
+      values[f"{name}_se"] = (metrics.standard_error(replicates[name]) if name in replicates
+                              else math.nan)
+    return Scores(values, replicates)
 
-  def evaluate(self, images: np.ndarray, labels: np.ndarray, chunk: int = 1000) -> dict:
+  def _replicates(self, fid: float, count: int, probs: np.ndarray, correct: np.ndarray | None,
+                  pr_features: np.ndarray, fake_in_real: np.ndarray,
+                  real_in_fake: np.ndarray) -> dict[str, np.ndarray]:
+    """Bootstrap replicates of each metric (B = self.bootstrap).
+
+    FID resamples the samples whose features are held (the first pr_max_points); with
+    fewer held than drawn its spread is scaled by sqrt(held / count), the 1/sqrt(n) law
+    of a smooth function of the moments. Precision and recall resample the points tested
+    against a manifold, holding the manifolds' radii fixed, so they leave out the
+    radii's own sampling error.
+    """
+    if self._frechet is None:
+      self._frechet = metrics.FrechetReference(self.reference_stats.mean,
+                                               self.reference_stats.cov)
+    draws = lambda size: metrics.bootstrap_draws(size, self.bootstrap)
+    fid_reps = metrics.fid_replicates(pr_features, draws(len(pr_features)), self._frechet)
+    if len(pr_features) < count:
+      fid_reps = fid + (fid_reps - fid_reps.mean()) * math.sqrt(len(pr_features) / count)
+    out = dict(fid=fid_reps,
+               precision=metrics.mean_replicates(fake_in_real, draws(len(fake_in_real))),
+               recall=metrics.mean_replicates(real_in_fake, draws(len(real_in_fake))))
+    if correct is not None:
+      out["is_mean"] = metrics.score_replicates(probs, draws(len(probs)), self.score_splits)
+      out["accuracy"] = metrics.mean_replicates(correct, draws(len(correct)))
+    return out
+
+  def evaluate(self, images: np.ndarray, labels: np.ndarray, chunk: int = 1000) -> Scores:
     """All metrics of images every process holds whole (e.g. real ones). Each process
     featurizes its contiguous share; collective."""
     lo, hi = multihost.process_share(len(images))
@@ -312,7 +374,7 @@ def reference_statistics(source: data.ArraySource | data.TfdsSource, features: F
 
 
 def real_floor(evaluator: Evaluator, source: data.ArraySource | data.TfdsSource,
-               num_samples: int, seed: int) -> dict[str, float]:
+               num_samples: int, seed: int) -> Scores:
   """The metrics of ``num_samples`` real images of ``source`` (a seeded random subset;
   all of them if there are no more: ImageNet's 50,000 validation images, 50 per class),
   each process reading its own share. Collective."""
@@ -332,23 +394,47 @@ def real_floor(evaluator: Evaluator, source: data.ArraySource | data.TfdsSource,
   return acc.result()
 
 
+def class_balanced_pick(labels: np.ndarray, num: int, num_classes: int,
+                        seed: int) -> np.ndarray:
+  """Positions of ``num`` examples whose classes are taken in turn (0, 1, ..., K-1, 0,
+  ...: the order a sweep draws its samples in), each class's examples in a seeded random
+  order; ``num`` is cut to what the scarcest class allows, with a warning."""
+  labels = np.asarray(labels).reshape(-1)
+  rng = np.random.default_rng(seed)
+  pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+  limit = num_classes * min(len(p) for p in pools)
+  if num > limit:
+    logging.warning("A class-balanced set of real images holds at most %d, not %d.", limit,
+                    num)
+    num = limit
+  wanted = np.arange(num) % num_classes
+  pick = np.empty(num, np.int64)
+  for c in range(num_classes):
+    pick[wanted == c] = pools[c][:np.sum(wanted == c)]
+  return pick
+
+
 def _fashion_evaluator(config: ml_collections.ConfigDict, run_config: ml_collections.ConfigDict,
                        cache_dir: str) -> Evaluator:
+  """The classifier's features. Reference: all 60,000 training images (the split the
+  model learned, as ADM takes ImageNet's); floor: held-out test images, class-balanced,
+  as many as samples per cell: what a model that draws new images from the data
+  distribution would score."""
   from cfgdiff.evaluation import classifier  # pylint: disable=g-import-not-at-top
   dc, sw = run_config.data, config.sweep
   features, test_accuracy = classifier.load_or_train(
       str(files.path(cache_dir) / "classifier"), dc.path, dc.num_classes, sw.classifier_epochs)
   logging.info("Evaluation classifier: %.2f%% test accuracy.", 100 * test_accuracy)
-  test_images, _ = data.load_fashion_mnist(dc.path, "test")
-  test_features, _ = features(test_images)
-  reference = metrics.GaussianStats(test_features.shape[1])
-  reference.update(test_features)
-  order = np.random.default_rng(0).permutation(len(test_images))
-  evaluator = Evaluator(features, reference, test_features[order], sw.pr_k, sw.pr_max_points)
-  # The floor: as many real training images as samples per cell, same metrics.
-  train_images, train_labels = data.load_fashion_mnist(dc.path, "train")
-  pick = np.random.default_rng(1).permutation(len(train_images))[:sw.num_samples]
-  evaluator.floor = evaluator.evaluate(train_images[pick], train_labels[pick])
+  train_images, _ = data.load_fashion_mnist(dc.path, "train")
+  train_features, _ = features(train_images)
+  reference = metrics.GaussianStats(train_features.shape[1])
+  reference.update(train_features)
+  order = np.random.default_rng(0).permutation(len(train_images))
+  evaluator = Evaluator(features, reference, train_features[order], sw.pr_k, sw.pr_max_points,
+                        sw.score_splits, sw.bootstrap)
+  test_images, test_labels = data.load_fashion_mnist(dc.path, "test")
+  pick = class_balanced_pick(test_labels, sw.num_samples, dc.num_classes, seed=1)
+  evaluator.floor = evaluator.evaluate(test_images[pick], test_labels[pick]).values
   evaluator.floor["classifier_test_accuracy"] = test_accuracy
   return evaluator
 
@@ -388,9 +474,10 @@ def _inception_evaluator(config: ml_collections.ConfigDict,
   reference, reference_features = reference_statistics(
       train, features, pr_indices, dim, str(files.path(stats_dir) / name),
       f"Reference statistics of {dc.name} train")
-  evaluator = Evaluator(features, reference, reference_features, sw.pr_k, sw.pr_max_points)
+  evaluator = Evaluator(features, reference, reference_features, sw.pr_k, sw.pr_max_points,
+                        sw.score_splits, sw.bootstrap)
   validation = data.TfdsSource(dc.name, "validation", dc.path, dc.image_size)
-  evaluator.floor = real_floor(evaluator, validation, sw.num_samples, seed=1)
+  evaluator.floor = real_floor(evaluator, validation, sw.num_samples, seed=1).values
   return evaluator
 
 

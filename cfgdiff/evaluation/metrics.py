@@ -7,6 +7,7 @@ fraction of a unit, and float32 sums over 50k 2048-d features lose more than tha
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -97,21 +98,86 @@ def fid(stats_a: GaussianStats, stats_b: GaussianStats) -> float:
   return frechet_distance(stats_a.mean, stats_a.cov, stats_b.mean, stats_b.cov)
 
 
-def inception_score(probs: np.ndarray, num_splits: int = 10,
-                    seed: int = 0) -> tuple[float, float]:
-  """(mean, std) over ``num_splits`` shuffled splits of exp(E_x KL(p(y|x) || p(y))).
+class FrechetReference:
+  """The Frechet distance to one fixed Gaussian (the reference statistics), with its
+  square root computed once: each further distance costs one D x D eigendecomposition,
+  which is what makes hundreds of bootstrap replicates affordable."""
 
-  ``probs`` [N, K] are class probabilities (rows sum to 1).
+  def __init__(self, mean: np.ndarray, cov: np.ndarray):
+    self.mean = np.asarray(mean, np.float64)
+    self.cov = np.asarray(cov, np.float64)
+    self.sqrt_cov = _sqrt_psd(self.cov)
+    self.trace = float(np.trace(self.cov))
+
+  def distance(self, mean: np.ndarray, cov: np.ndarray) -> float:
+    """frechet_distance(mean, cov, reference mean, reference cov)."""
+    middle = np.linalg.eigvalsh(self.sqrt_cov @ cov @ self.sqrt_cov)
+    diff = mean - self.mean
+    return float(diff @ diff + np.trace(cov) + self.trace
+                 - 2.0 * np.sum(np.sqrt(np.clip(middle, 0.0, None))))
+
+
+# ---------------------------------------------------------------------------------------
+# Bootstrap. Every cell of a sweep draws the same seeds and labels, so resampling the
+# same sample positions in every cell (the same `bootstrap_draws`) gives replicates that
+# are paired across cells: the spread of (replicate at w1 - replicate at w2) is the
+# standard error of the difference, much smaller than either cell's own error.
+# ---------------------------------------------------------------------------------------
+def bootstrap_draws(n: int, num_replicates: int, seed: int = 0) -> np.ndarray:
+  """int [num_replicates, n]: sample positions drawn with replacement, a function of
+  (n, num_replicates, seed) only."""
+  return np.random.default_rng([seed, n]).integers(0, n, size=(num_replicates, n))
+
+
+def fid_replicates(features: np.ndarray, draws: np.ndarray,
+                   reference: FrechetReference) -> np.ndarray:
+  """float64 [B]: the FID to ``reference`` of each resampled set features[draws[b]]
+  (features [n, D]), from multiplicity-weighted moments (no copy of the features)."""
+  x = np.asarray(features, np.float64)
+  n = len(x)
+  out = np.empty(len(draws))
+  for b, draw in enumerate(draws):
+    weight = np.bincount(draw, minlength=n).astype(np.float64)
+    mean = weight @ x / n
+    cov = ((x.T * weight) @ x - n * np.outer(mean, mean)) / (n - 1)
+    out[b] = reference.distance(mean, cov)
+  return out
+
+
+def score_replicates(probs: np.ndarray, draws: np.ndarray, num_splits: int = 1) -> np.ndarray:
+  """float64 [B]: `inception_score` of each resampled set probs[draws[b]]."""
+  probs = np.asarray(probs, np.float64)
+  return np.array([inception_score(probs[np.sort(draw)], num_splits) for draw in draws])
+
+
+def mean_replicates(values: np.ndarray, draws: np.ndarray) -> np.ndarray:
+  """float64 [B]: the mean of each resampled set values[draws[b]] (values [n])."""
+  return np.asarray(values, np.float64)[draws].mean(axis=1)
+
+
+def standard_error(replicates: np.ndarray) -> float:
+  """The bootstrap standard error: the replicates' standard deviation (NaN for < 2)."""
+  replicates = np.asarray(replicates, np.float64)
+  return float(np.std(replicates, ddof=1)) if len(replicates) > 1 else math.nan
+
+
+def inception_score(probs: np.ndarray, num_splits: int = 1) -> float:
+  """exp(E_x KL(p(y|x) || p(y))), averaged over ``num_splits`` contiguous splits.
+
+  ``probs`` [N, K] are class probabilities (rows sum to 1), in sample order. The splits
+  are contiguous and unshuffled, so a class-balanced set (classes taken in turn, as the
+  sweep draws them) stays balanced in every split whose size is a multiple of K, and a
+  confident, correct classifier scores exactly K. One split (the default) estimates the
+  marginal p(y) from all N samples; the paper's ImageNet convention is 10 splits.
   """
   probs = np.asarray(probs, np.float64)
-  probs = probs[np.random.default_rng(seed).permutation(len(probs))]
   scores = []
   for part in np.array_split(probs, num_splits):
     marginal = part.mean(axis=0, keepdims=True)
     kl = np.sum(part * (np.log(np.clip(part, 1e-30, None)) -
                         np.log(np.clip(marginal, 1e-30, None))), axis=1)
     scores.append(np.exp(kl.mean()))
-  return float(np.mean(scores)), float(np.std(scores))
+  return float(np.mean(scores))
 
 
 def _pairwise_sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -129,29 +195,34 @@ def _kth_neighbour_radii(points: np.ndarray, k: int, block: int) -> np.ndarray:
   return radii
 
 
-def _fraction_covered(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray,
-                      block: int) -> float:
-  covered = 0
+def _covered(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray,
+             block: int) -> np.ndarray:
+  """bool [len(queries)]: whether each query lies in some centre's ball."""
+  covered = np.empty(len(queries), bool)
   for start in range(0, len(queries), block):
     d = _pairwise_sq_dists(queries[start:start + block], centres)
-    covered += int(np.sum(np.any(d <= radii[None, :], axis=1)))
-  return covered / len(queries)
+    covered[start:start + block] = np.any(d <= radii[None, :], axis=1)
+  return covered
+
+
+def manifold_membership(real: np.ndarray, fake: np.ndarray, k: int = 3,
+                        block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+  """(bool [N]: each of ``fake`` [N, D] inside the real manifold, bool [M]: each of
+  ``real`` [M, D] inside the fake manifold), a manifold being the union of balls around
+  a set's points reaching their k-th nearest neighbour (Kynkaanniemi et al. 2019)."""
+  real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+  if min(len(real), len(fake)) <= k:
+    raise ValueError(f"precision/recall with k={k} needs more than {k} points per set.")
+  return (_covered(fake, real, _kth_neighbour_radii(real, k, block), block),
+          _covered(real, fake, _kth_neighbour_radii(fake, k, block), block))
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
                      block: int = 1024) -> tuple[float, float]:
-  """Improved precision and recall (Kynkaanniemi et al. 2019).
-
-  Each set's manifold is the union of balls around its points reaching their k-th
-  nearest neighbour. Precision: the fraction of ``fake`` [N, D] inside the real
-  manifold; recall: the fraction of ``real`` [M, D] inside the fake manifold.
-  """
-  real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-  if min(len(real), len(fake)) <= k:
-    raise ValueError(f"precision/recall with k={k} needs more than {k} points per set.")
-  precision = _fraction_covered(fake, real, _kth_neighbour_radii(real, k, block), block)
-  recall = _fraction_covered(real, fake, _kth_neighbour_radii(fake, k, block), block)
-  return precision, recall
+  """Improved precision and recall (Kynkaanniemi et al. 2019): the fraction of ``fake``
+  inside the real manifold, and of ``real`` inside the fake manifold."""
+  fake_in_real, real_in_fake = manifold_membership(real, fake, k, block)
+  return float(fake_in_real.mean()), float(real_in_fake.mean())
 
 
 def class_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
