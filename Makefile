@@ -12,7 +12,9 @@ CONFIG := experiments/fashion_mnist.py
 TABLE1 ?= workdir/table1
 CLI := $(PY) -m cfgdiff.main --config=$(CONFIG)
 
-.PHONY: setup setup-test data train sample sweep run table1 test lint rehearse
+REFERENCE_WORKDIR ?= workdir/reference
+
+.PHONY: setup setup-test data train sample sweep run table1 reference test lint rehearse
 
 # The main job installs only what it imports; the tests add pytest, ruff and PyTorch
 # (the parity tests and benchmarks/ compare against it), about 5 GB more.
@@ -51,6 +53,15 @@ table1: setup
 	done
 	$(CLI) --workdir=$(TABLE1) --mode=sweep \
 	  --config.sweep.guidance_weights="(0.0,0.1,0.3,0.5,1.0,2.0,4.0)"
+
+# The shipped reference model (cfgdiff/reference_models/fashion_mnist): the default network
+# trained on 192k images (resumes when restarted), exported with its manifest, then swept.
+reference: setup
+	$(PY) -m cfgdiff.main --config=experiments/fashion_mnist_reference.py \
+	  --workdir=$(REFERENCE_WORKDIR)
+	$(PY) -m cfgdiff.reference --workdir=$(REFERENCE_WORKDIR) --name=fashion_mnist \
+	  --command="make reference (python -m cfgdiff.main --config=experiments/fashion_mnist_reference.py --workdir=$(REFERENCE_WORKDIR))"
+	$(CLI) --workdir=$(REFERENCE_WORKDIR) --mode=sweep --config.sweep.num_samples=500
 
 lint: setup-test
 	$(PY) -m ruff check .

@@ -138,13 +138,18 @@ def from_json(path: str) -> ml_collections.ConfigDict:
   Starting from `default_config` keeps tuples as tuples and fills keys added since.
   """
   from cfgdiff import files  # pylint: disable=g-import-not-at-top
-  saved = json.loads(files.path(path).read_text())
+  return from_dict(json.loads(files.path(path).read_text()), path)
+
+
+def from_dict(saved: dict, source: str = "config") -> ml_collections.ConfigDict:
+  """A saved config (nested dict, as in config.json) on top of the defaults; ``source``
+  names it in the error for an unknown key."""
   config = default_config()
 
   def overlay(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
     for key, value in values.items():
       if key not in target:
-        raise ConfigError(f"{path}: unknown config key '{prefix}{key}'.")
+        raise ConfigError(f"{source}: unknown config key '{prefix}{key}'.")
       if isinstance(target[key], ml_collections.ConfigDict):
         overlay(target[key], value, f"{prefix}{key}.")
       else:

@@ -45,7 +45,11 @@ class CheckpointSampler:
   step compiles nothing), and requests are padded to the compiled batch size.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | None,
+               step: int | None = None, params=None):
+    """Reads the EMA parameters of checkpoint ``step`` (the latest when None) of
+    ``workdir``; or, given ``params`` (e.g. a shipped reference model's), samples from
+    those, ``step`` then only saying where they came from."""
     self.config, self.workdir = config, workdir
     self.mesh = build.make_mesh()
     self.model = build.make_model(config)
@@ -55,7 +59,23 @@ class CheckpointSampler:
     devices = jax.device_count()
     self.batch_size = -(-config.sample.batch_size // devices) * devices
     self._compiled = {}
-    self.load(step)
+    if params is None:
+      self.load(step)
+    else:
+      self.params, self.step = params, int(step or 0)
+
+  @classmethod
+  def from_reference(cls, name: str,
+                     sample_config: ml_collections.ConfigDict | None = None
+                     ) -> CheckpointSampler:
+    """Samples from the shipped reference model ``name`` (`cfgdiff.reference`) with the
+    options of ``sample_config`` (a config.sample; None: those it was trained with)."""
+    from cfgdiff import reference  # pylint: disable=g-import-not-at-top
+    shipped = reference.load(name)
+    config = shipped.config.copy_and_resolve_references()
+    if sample_config is not None:
+      config.sample = sample_config
+    return cls(config, None, shipped.step, params=shipped.params)
 
   def load(self, step: int | None = None) -> None:
     """Samples from checkpoint ``step`` (the latest when None) from now on."""
@@ -178,10 +198,24 @@ def write_samples(out_dir: str, w: float, images: np.ndarray, labels: np.ndarray
   return png, npz
 
 
+def _workdir_or_reference_sampler(config: ml_collections.ConfigDict,
+                                  workdir: str) -> CheckpointSampler:
+  """The workdir's latest checkpoint; with none there, the reference model shipped for
+  the config's data (Fashion-MNIST), if any."""
+  from cfgdiff import reference  # pylint: disable=g-import-not-at-top
+  if not checkpoint.saved_steps(workdir) and reference.available(config.data.name):
+    sampler = CheckpointSampler.from_reference(config.data.name, config.sample)
+    logging.info("No checkpoint in %s: sampling from the shipped reference model %r "
+                 "(step %d).", workdir, config.data.name, sampler.step)
+    return sampler
+  return CheckpointSampler(config, workdir)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """--mode=sample: for each w, num_per_class images per class with the same seeds."""
+  """--mode=sample: for each w, num_per_class images per class with the same seeds (from
+  the workdir's latest checkpoint, else the shipped reference model)."""
   sc = config.sample
-  sampler = CheckpointSampler(config, workdir)
+  sampler = _workdir_or_reference_sampler(config, workdir)
   labels = np.repeat(np.arange(config.data.num_classes), sc.num_per_class).astype(np.int32)
   names = list(data.FASHION_MNIST_CLASSES) if config.data.name == "fashion_mnist" else None
   written = []

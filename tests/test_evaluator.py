@@ -148,6 +148,18 @@ def test_the_same_index_twice_is_refused():
     acc.result()
 
 
+def test_class_balanced_pick_takes_classes_in_turn_without_repeats():
+  labels = np.random.default_rng(0).integers(0, 3, 100)
+  pick = ev.class_balanced_pick(labels, 30, 3, seed=1)
+  np.testing.assert_array_equal(labels[pick], np.arange(30) % 3)
+  assert len(set(pick.tolist())) == 30
+  np.testing.assert_array_equal(pick, ev.class_balanced_pick(labels, 30, 3, seed=1))
+  # No more than the scarcest class allows, still balanced.
+  scarcest = np.bincount(labels).min()
+  pick = ev.class_balanced_pick(labels, 1000, 3, seed=1)
+  assert len(pick) == 3 * scarcest and np.all(np.bincount(labels[pick]) == scarcest)
+
+
 def test_process_shares_cover_everything_in_order():
   for n in (0, 1, 7, 100):
     for count in (1, 2, 3, 8):

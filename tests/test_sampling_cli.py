@@ -3,6 +3,7 @@
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -81,13 +82,14 @@ def test_label_out_of_range_is_refused(trained_workdir, synthetic_data):
     sampler.sample([0, 1], float("inf"))
 
 
-def test_sampling_notebook_runs_headless(trained_workdir, monkeypatch):
-  """Executes notebooks/sampling.ipynb against the tiny checkpoint, as a user would."""
+def _run_notebook(workdir: str, monkeypatch) -> str:
+  """Executes notebooks/sampling.ipynb headless as a user would (4 steps, 2 weights);
+  returns its printed text after checking it drew one grid per w and the side-by-side."""
   import nbformat
   from nbclient import NotebookClient
 
   from tests.conftest import ROOT
-  monkeypatch.setenv("CFGDIFF_WORKDIR", trained_workdir)
+  monkeypatch.setenv("CFGDIFF_WORKDIR", workdir)
   monkeypatch.setenv("CFGDIFF_WEIGHTS", "0,3")
   monkeypatch.setenv("CFGDIFF_NUM_PER_CLASS", "2")
   monkeypatch.setenv("CFGDIFF_NUM_STEPS", "4")
@@ -99,9 +101,52 @@ def test_sampling_notebook_runs_headless(trained_workdir, monkeypatch):
   images = [o for cell in notebook.cells if cell.cell_type == "code"
             for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(images) == 3, "one grid per w and the side-by-side view"
-  text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+  return "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                  for o in cell.get("outputs", []))
+
+
+def test_sampling_notebook_runs_headless_on_a_workdir(trained_workdir, monkeypatch):
+  text = _run_notebook(trained_workdir, monkeypatch)
   assert "EMA parameters from step 40" in text and "guidance scale s = 4.0" in text
+
+
+def test_sampling_notebook_needs_no_training(tmp_path, monkeypatch):
+  """With no workdir of one's own, the notebook samples the shipped reference model."""
+  from cfgdiff import reference
+  step = reference.load("fashion_mnist").step
+  text = _run_notebook(str(tmp_path / "never_trained"), monkeypatch)
+  assert f"the shipped reference model, EMA parameters from step {step}" in text, text
+  assert "10 classes" in text and "guidance scale s = 4.0" in text
+
+
+def test_exported_reference_samples_like_its_checkpoint(trained_workdir, synthetic_data,
+                                                       tmp_path, monkeypatch):
+  """A workdir exported as a reference model (`python -m cfgdiff.reference`) loads back
+  to the same parameters, and --mode=sample falls back to it when WORKDIR has none."""
+  import pathlib
+
+  from cfgdiff import configs, reference, sampling
+  root = pathlib.Path(tmp_path / "reference_models")
+  manifest = reference.export(trained_workdir, "fashion_mnist", "tiny test run", root=root)
+  assert manifest["step"] == 40 and np.isfinite(manifest["heldout_loss"])
+  shipped = reference.load("fashion_mnist", root=root)
+  config = configs.from_json(os.path.join(trained_workdir, "config.json"))
+  from_checkpoint = sampling.CheckpointSampler(config, trained_workdir)
+  for a, b in zip(jax.tree.leaves(shipped.params), jax.tree.leaves(from_checkpoint.params),
+                  strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  monkeypatch.setattr(reference, "ROOT", root)
+  empty = str(tmp_path / "no_run_yet")
+  fallback = sampling._workdir_or_reference_sampler(config, empty)
+  assert fallback.workdir is None and fallback.step == 40
+  labels = np.arange(4)
+  np.testing.assert_array_equal(
+      fallback.sample(labels, 1.0, sampler="ddim", num_steps=2),
+      from_checkpoint.sample(labels, 1.0, sampler="ddim", num_steps=2))
+  # Nothing shipped for other data: the error names the missing checkpoint, as before.
+  config.data.name = "imagenet_resized/64x64"
+  with pytest.raises(Exception, match="no checkpoint in"):
+    sampling._workdir_or_reference_sampler(config, empty)
 
 
 def test_sample_local_is_this_process_share_of_sample(trained_workdir, synthetic_data):

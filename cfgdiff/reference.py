@@ -1,0 +1,154 @@
+"""Reference models shipped with cfgdiff: a long run's EMA parameters and their manifest.
+
+``cfgdiff/reference_models/NAME/`` holds ``ema_params.msgpack`` (flax.serialization) and
+``manifest.json``: the run's config, its step, the command that trained it, the commit,
+the SHA-256 and size of the parameters, and their held-out loss at export (the test
+suite recomputes it: the parameters load into the network they came from).
+
+`make sample` and notebooks/sampling.ipynb sample from it when there is no trained
+workdir, so nobody has to train before seeing guided samples.
+
+  python -m cfgdiff.reference --workdir=workdir/reference --name=fashion_mnist \
+      --command="make reference"
+
+exports the latest checkpoint of a workdir (what `make reference` ends with).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import pathlib
+import subprocess
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cfgdiff import build, checkpoint, configs, data, diffusion, files
+
+ROOT = pathlib.Path(__file__).parent / "reference_models"
+PARAMS_FILE, MANIFEST_FILE = "ema_params.msgpack", "manifest.json"
+# The held-out loss: the first HELDOUT_COUNT test images, noised with this seed.
+HELDOUT_COUNT, HELDOUT_SEED = 512, 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  name: str
+  config: ml_collections.ConfigDict  # the config the model was trained with
+  params: Any  # EMA parameters, a nested dict of numpy arrays
+  manifest: dict
+
+  @property
+  def step(self) -> int:
+    return int(self.manifest["step"])
+
+
+def available(name: str, root: pathlib.Path | None = None) -> bool:
+  return ((root or ROOT) / name / MANIFEST_FILE).exists()
+
+
+def load(name: str, root: pathlib.Path | None = None) -> Reference:
+  """The shipped reference model ``name`` (from ROOT unless ``root`` is given), checked
+  against its manifest: checksum, then every parameter's shape against the network its
+  config builds."""
+  root = root or ROOT
+  folder = root / name
+  if not (folder / MANIFEST_FILE).exists():
+    shipped = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    raise checkpoint.CheckpointError(f"no reference model {name!r} in {root} (shipped: "
+                                     f"{shipped}); export one with python -m cfgdiff.reference.")
+  manifest = json.loads((folder / MANIFEST_FILE).read_text())
+  path = folder / PARAMS_FILE
+  blob = path.read_bytes() if path.exists() else b""
+  digest = hashlib.sha256(blob).hexdigest()
+  if digest != manifest["sha256"]:
+    raise checkpoint.CheckpointError(
+        f"{path} is missing or corrupt: its SHA-256 is {digest}, {folder / MANIFEST_FILE} "
+        f"records {manifest['sha256']} ({manifest['bytes']} bytes). Restore it with "
+        f"`git checkout -- {path}` in a clone, or reinstall cfgdiff.")
+  config = configs.from_dict(manifest["config"], str(folder / MANIFEST_FILE))
+  params = flax.serialization.msgpack_restore(blob)
+  shapes = lambda tree: {k: tuple(np.shape(v))
+                         for k, v in flax.traverse_util.flatten_dict(tree).items()}
+  if shapes(params) != shapes(abstract_params(config)):
+    raise checkpoint.CheckpointError(f"{path} does not match the network its manifest's "
+                                     "config builds; export it again.")
+  return Reference(name, config, params, manifest)
+
+
+def abstract_params(config: ml_collections.ConfigDict) -> Any:
+  """Shapes and dtypes of the network's parameters, computing nothing."""
+  model = build.make_model(config)
+  size, channels = config.data.image_size, config.data.channels
+  return jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros((1,)),
+      jnp.zeros((1,), jnp.int32))["params"])
+
+
+def heldout_loss(config: ml_collections.ConfigDict, params: Any, images: np.ndarray,
+                 labels: np.ndarray, seed: int = HELDOUT_SEED) -> float:
+  """The conditional eps-prediction loss (Algorithm 1 without label dropout) of uint8
+  ``images`` [N,H,W,C] with ``labels`` [N], at log-SNRs and noise drawn from ``seed``."""
+  model, dc = build.make_model(config), config.diffusion
+  x = jnp.asarray(data.to_model_range(images))
+  batch = diffusion.noise_batch(jax.random.PRNGKey(seed), x, jnp.asarray(labels, jnp.int32),
+                                p_uncond=0.0, num_classes=config.data.num_classes,
+                                logsnr_min=dc.logsnr_min, logsnr_max=dc.logsnr_max)
+  eps = jax.jit(lambda p, b: model.apply({"params": p}, b["z"], b["logsnr"], b["label"]))(
+      params, batch)
+  return float(diffusion.eps_loss(eps, batch["eps"]))
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def export(workdir: str, name: str, command: str, root: pathlib.Path | None = None) -> dict:
+  """Writes the EMA parameters of WORKDIR's latest checkpoint and their manifest to
+  ROOT/NAME; returns the manifest."""
+  from cfgdiff import sampling  # pylint: disable=g-import-not-at-top
+  config = configs.from_json(str(files.path(workdir) / "config.json"))
+  sampler = sampling.CheckpointSampler(config, workdir)
+  params = jax.tree.map(np.asarray, jax.device_get(sampler.params))
+  blob = flax.serialization.msgpack_serialize(params)
+  images, labels = data.load_fashion_mnist(config.data.path, "test")
+  manifest = dict(
+      name=name, step=sampler.step, command=command, commit=_commit(),
+      exported=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob),
+      parameters=int(sum(x.size for x in jax.tree.leaves(params))),
+      heldout_loss=heldout_loss(config, params, images[:HELDOUT_COUNT],
+                                labels[:HELDOUT_COUNT]),
+      heldout=f"the first {HELDOUT_COUNT} test images, noise seed {HELDOUT_SEED}",
+      config=json.loads(config.to_json_best_effort()))
+  folder = (root or ROOT) / name
+  folder.mkdir(parents=True, exist_ok=True)
+  files.write_atomic(str(folder / PARAMS_FILE), blob)
+  files.write_atomic(str(folder / MANIFEST_FILE), json.dumps(manifest, indent=2) + "\n")
+  return manifest
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="a trained run (checkpoints/)")
+  parser.add_argument("--name", default="fashion_mnist")
+  parser.add_argument("--command", required=True, help="the command that trained it")
+  args = parser.parse_args()
+  manifest = export(args.workdir, args.name, args.command)
+  print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2))
+
+
+if __name__ == "__main__":
+  main()
