@@ -116,6 +116,19 @@ class FrechetReference:
     return float(diff @ diff + np.trace(cov) + self.trace
                  - 2.0 * np.sum(np.sqrt(np.clip(middle, 0.0, None))))
 
+  def distance_from_factor(self, mean: np.ndarray, factor: np.ndarray) -> float:
+    """`distance` for cov = factor^T factor (factor [k, D]). With k < D it needs only a
+    k x k eigendecomposition: the nonzero eigenvalues of S C S = (F S)^T (F S) are those
+    of (F S)(F S)^T. (A few samples of 2048-d Inception features: milliseconds, not the
+    seconds of a 2048 x 2048 one.)"""
+    if len(factor) >= factor.shape[1]:
+      return self.distance(mean, factor.T @ factor)
+    projected = factor @ self.sqrt_cov
+    middle = np.linalg.eigvalsh(projected @ projected.T)
+    diff = mean - self.mean
+    return float(diff @ diff + np.sum(factor * factor) + self.trace
+                 - 2.0 * np.sum(np.sqrt(np.clip(middle, 0.0, None))))
+
 
 # ---------------------------------------------------------------------------------------
 # Bootstrap. Every cell of a sweep draws the same seeds and labels, so resampling the
@@ -132,15 +145,17 @@ def bootstrap_draws(n: int, num_replicates: int, seed: int = 0) -> np.ndarray:
 def fid_replicates(features: np.ndarray, draws: np.ndarray,
                    reference: FrechetReference) -> np.ndarray:
   """float64 [B]: the FID to ``reference`` of each resampled set features[draws[b]]
-  (features [n, D]), from multiplicity-weighted moments (no copy of the features)."""
+  (features [n, D]), from the distinct samples drawn weighted by their multiplicity."""
   x = np.asarray(features, np.float64)
   n = len(x)
   out = np.empty(len(draws))
   for b, draw in enumerate(draws):
     weight = np.bincount(draw, minlength=n).astype(np.float64)
     mean = weight @ x / n
-    cov = ((x.T * weight) @ x - n * np.outer(mean, mean)) / (n - 1)
-    out[b] = reference.distance(mean, cov)
+    drawn = weight > 0
+    # cov = factor^T factor, the unbiased covariance of the resampled set.
+    factor = (x[drawn] - mean) * np.sqrt(weight[drawn] / (n - 1))[:, None]
+    out[b] = reference.distance_from_factor(mean, factor)
   return out
 
 
