@@ -55,7 +55,7 @@ table1: setup
 	  --config.sweep.guidance_weights="(0.0,0.1,0.3,0.5,1.0,2.0,4.0)"
 
 # The shipped reference model (cfgdiff/reference_models/fashion_mnist): the default network
-# trained on 192k images (resumes when restarted), exported with its manifest, then swept.
+# trained on 128k images (resumes when restarted), exported with its manifest, then swept.
 reference: setup
 	$(PY) -m cfgdiff.main --config=experiments/fashion_mnist_reference.py \
 	  --workdir=$(REFERENCE_WORKDIR)
