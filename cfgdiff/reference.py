@@ -120,6 +120,10 @@ def export(workdir: str, name: str, command: str, root: pathlib.Path | None = No
   ROOT/NAME; returns the manifest."""
   from cfgdiff import sampling  # pylint: disable=g-import-not-at-top
   config = configs.from_json(str(files.path(workdir) / "config.json"))
+  if config.data.name != "fashion_mnist":
+    raise configs.ConfigError(f"{workdir} was trained on {config.data.name}: only "
+                              "Fashion-MNIST models are exported (the held-out loss reads "
+                              "its test images).")
   sampler = sampling.CheckpointSampler(config, workdir)
   params = jax.tree.map(np.asarray, jax.device_get(sampler.params))
   blob = flax.serialization.msgpack_serialize(params)

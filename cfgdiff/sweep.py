@@ -89,7 +89,9 @@ def read_results(path: str) -> list[dict]:
 def _write_results(path: str, rows: list[dict]) -> None:
   buffer = io.StringIO()
   # Rows of an older sweep lack the newer setting columns: left empty, never matched.
-  writer = csv.DictWriter(buffer, fieldnames=COLUMNS, restval="", extrasaction="ignore")
+  # Columns only they have (is_std before version 2) are kept after the current ones.
+  extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+  writer = csv.DictWriter(buffer, fieldnames=(*COLUMNS, *extra), restval="")
   writer.writeheader()
   writer.writerows(rows)
   files.write_atomic(path, buffer.getvalue())
@@ -211,7 +213,9 @@ def _table_markdown(rows: list[dict], floor: dict,
            f"{first.get('num_samples')} samples per cell (the same seeds and labels at every "
            "w); checkpoint steps "
            + ", ".join(f"{names[run]}: {latest[run]}" for _, run in runs) + ". "
-           f"± is one bootstrap standard error ({first.get('bootstrap')} replicates).", ""]
+           + (f"± is one bootstrap standard error ({first.get('bootstrap')} replicates)."
+              if _number(first.get("bootstrap")) > 0 else "No standard errors (bootstrap 0)."),
+           ""]
   for title, keys, digits in (("FID (lower is better)", ("fid",), 2),
                               ("Inception-style score (higher is better)", ("is_mean",), 2),
                               ("Precision / recall (k-NN manifolds)", ("precision", "recall"), 3),
@@ -224,8 +228,10 @@ def _table_markdown(rows: list[dict], floor: dict,
       lines.append(f"| {w:g} | " + " | ".join(values) + " |")
     lines.append("")
   accuracy = _number(floor.get("classifier_test_accuracy"))
-  lines.append("Real held-out images, class-balanced, as many as samples per cell, against "
-               f"the same reference (the floor): FID {_with_error(floor, 'fid', 2)}, score "
+  count = _number(floor.get("num_images"))
+  lines.append(f"Real held-out images ({'?' if math.isnan(count) else int(count)}, "
+               "class-balanced where the labels allow), against the same reference (the "
+               f"floor): FID {_with_error(floor, 'fid', 2)}, score "
                f"{_with_error(floor, 'is_mean', 2)}, precision "
                f"{_with_error(floor, 'precision', 3)}, recall {_with_error(floor, 'recall', 3)}, "
                f"accuracy {_with_error(floor, 'accuracy', 3)}."
@@ -453,17 +459,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     logging.info("Sweep: waiting %d s for new checkpoints.", sw.poll_seconds)
     time.sleep(sw.poll_seconds)
 
-  replicates = {}
-  for row in _latest_rows(rows)[0] if jax.process_index() == 0 else []:
-    found = read_replicates(replicates_path(out_dir, row))
-    if found is not None:
-      replicates[_cell_key(row)] = found
-  table = results_markdown(rows, _floor(config, runs, out_dir, evaluator), replicates)
+  floor = _floor(config, runs, out_dir, evaluator)
   paths = [str(out_dir / name) for name in ("results.md", "tradeoff.png")]
   if jax.process_index() == 0:
+    # Rows scored by an older definition of the metrics stay in results.csv but are not
+    # tabulated: the floor and the reference they were scored against are gone.
+    rows = [r for r in rows if _canonical(str(r.get("metrics") or "")) ==
+            _canonical(METRICS_VERSION)]
+    replicates = {}
+    for row in rows:
+      found = read_replicates(replicates_path(out_dir, row))
+      if found is not None:
+        replicates[_cell_key(row)] = found
+    table = results_markdown(rows, floor, replicates)
     files.write_atomic(paths[0], table)
     current = tuple(_canonical(v) for v in settings(config).values())
     plot_tradeoff([r for r in rows if _setting_key(r) == current], paths[1])
-  print(table)
+    print(table)
   grids = [out_dir / f"{r.name}_w{float(w)}.png" for r in runs for w in sw.guidance_weights]
   return [results_csv] + paths + [str(g) for g in grids if g.exists()]

@@ -101,9 +101,32 @@ def test_standard_errors_are_the_spread_of_resampled_sets():
         metrics.inception_score(probs[np.sort(draws[b])]), rel=1e-12)
     assert scores.replicates["accuracy"][b] == metrics.class_accuracy(probs[draws[b]],
                                                                       labels[draws[b]])
+    # Precision: the fraction of resampled samples inside the (fixed) real manifold.
+    inside, _ = metrics.manifold_membership(evaluator.reference_features[:30], feats, k=3)
+    assert scores.replicates["precision"][b] == pytest.approx(inside[draws[b]].mean())
   for name in ev.METRICS:
     assert scores.values[f"{name}_se"] == pytest.approx(np.std(scores.replicates[name], ddof=1))
     assert scores.values[f"{name}_se"] > 0
+
+
+def test_fid_error_from_fewer_held_features_is_scaled_to_all_samples():
+  # 40 samples drawn, the features of the first 10 held: FID's replicates are those of
+  # the 10, their spread scaled by sqrt(10 / 40) around the FID of all 40.
+  few, held = _evaluator(pr_max_points=10, bootstrap=40), _evaluator(pr_max_points=40,
+                                                                     bootstrap=40)
+  images, labels = _images(40, seed=4)
+  scored = []
+  for evaluator in (few, held):
+    acc = evaluator.accumulator()
+    acc.update(images, labels, np.arange(40))
+    scored.append(acc.result())
+  feats, _ = few.features(images)
+  reference = metrics.FrechetReference(few.reference_stats.mean, few.reference_stats.cov)
+  of_ten = metrics.fid_replicates(feats[:10], metrics.bootstrap_draws(10, 40), reference)
+  assert scored[0].values["fid"] == pytest.approx(scored[1].values["fid"], rel=1e-12)
+  np.testing.assert_allclose(scored[0].replicates["fid"] - scored[0].values["fid"],
+                             (of_ten - of_ten.mean()) * 0.5, rtol=1e-9, atol=1e-9)
+  assert scored[0].values["fid_se"] == pytest.approx(0.5 * np.std(of_ten, ddof=1))
 
 
 def _shares(n: int, chunk: int, processes: int, process: int) -> list[np.ndarray]:

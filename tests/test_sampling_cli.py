@@ -125,7 +125,7 @@ def test_exported_reference_samples_like_its_checkpoint(trained_workdir, synthet
   to the same parameters, and --mode=sample falls back to it when WORKDIR has none."""
   import pathlib
 
-  from cfgdiff import configs, reference, sampling
+  from cfgdiff import checkpoint, configs, reference, sampling
   root = pathlib.Path(tmp_path / "reference_models")
   manifest = reference.export(trained_workdir, "fashion_mnist", "tiny test run", root=root)
   assert manifest["step"] == 40 and np.isfinite(manifest["heldout_loss"])
@@ -145,7 +145,7 @@ def test_exported_reference_samples_like_its_checkpoint(trained_workdir, synthet
       from_checkpoint.sample(labels, 1.0, sampler="ddim", num_steps=2))
   # Nothing shipped for other data: the error names the missing checkpoint, as before.
   config.data.name = "imagenet_resized/64x64"
-  with pytest.raises(Exception, match="no checkpoint in"):
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
     sampling._workdir_or_reference_sampler(config, empty)
 
 

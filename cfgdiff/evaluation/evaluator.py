@@ -111,7 +111,8 @@ class Accumulator:
   over processes and returns the scores of all the images on every process. Each image
   comes with its global index (e.g. that of its noise seed), so the result does not
   depend on how the images were split: rows are put in index order before the score's
-  shuffled splits, and the precision/recall set is the first ``pr_max_points`` by index.
+  contiguous splits and the bootstrap, and the precision/recall set is the first
+  ``pr_max_points`` by index.
   """
   evaluator: Evaluator
   stats: metrics.GaussianStats | None = None
@@ -435,7 +436,7 @@ def _fashion_evaluator(config: ml_collections.ConfigDict, run_config: ml_collect
   test_images, test_labels = data.load_fashion_mnist(dc.path, "test")
   pick = class_balanced_pick(test_labels, sw.num_samples, dc.num_classes, seed=1)
   evaluator.floor = evaluator.evaluate(test_images[pick], test_labels[pick]).values
-  evaluator.floor["classifier_test_accuracy"] = test_accuracy
+  evaluator.floor |= dict(num_images=float(len(pick)), classifier_test_accuracy=test_accuracy)
   return evaluator
 
 
@@ -478,6 +479,7 @@ def _inception_evaluator(config: ml_collections.ConfigDict,
                         sw.score_splits, sw.bootstrap)
   validation = data.TfdsSource(dc.name, "validation", dc.path, dc.image_size)
   evaluator.floor = real_floor(evaluator, validation, sw.num_samples, seed=1).values
+  evaluator.floor["num_images"] = float(min(sw.num_samples, len(validation)))
   return evaluator
 
 
