@@ -234,6 +234,7 @@ def test_reference_statistics_are_computed_once_then_read(imagenet64, tmp_path, 
   # The floor: sweep.num_samples validation images, a fixed random subset of the 16.
   validation = data.TfdsSource("imagenet_resized/64x64", "validation", imagenet64, 64)
   pick = np.sort(np.random.default_rng(1).permutation(16)[:12])
+  assert first.floor.pop("num_images") == 12
   assert first.floor == pytest.approx(first.evaluate(*validation.read(pick)).values, nan_ok=True)
   assert np.isfinite(first.floor["is_mean"]) and 0 <= first.floor["accuracy"] <= 1
 
@@ -241,7 +242,7 @@ def test_reference_statistics_are_computed_once_then_read(imagenet64, tmp_path, 
   assert features.images == 24 + 12 + 12 + 12  # floor only (and the evaluate above)
   np.testing.assert_array_equal(again.reference_stats.outer, first.reference_stats.outer)
   np.testing.assert_array_equal(again.reference_features, first.reference_features)
-  assert again.floor == first.floor
+  assert again.floor.pop("num_images") == 12 and again.floor == first.floor
   # Other weights: other statistics, computed afresh beside the first.
   digest["sha"] = "cd" * 32
   ev.make_evaluator(config, config, str(tmp_path / "sweep"))
