@@ -201,9 +201,15 @@ def write_samples(out_dir: str, w: float, images: np.ndarray, labels: np.ndarray
 def _workdir_or_reference_sampler(config: ml_collections.ConfigDict,
                                   workdir: str) -> CheckpointSampler:
   """The workdir's latest checkpoint; with none there, the reference model shipped for
-  the config's data (Fashion-MNIST), if any."""
+  the config's data (Fashion-MNIST), if the config asks for its network."""
   from cfgdiff import reference  # pylint: disable=g-import-not-at-top
   if not checkpoint.saved_steps(workdir) and reference.available(config.data.name):
+    shipped = reference.load(config.data.name)
+    same_network = all(shipped.config[k].to_dict() == config[k].to_dict()
+                       for k in ("model", "diffusion")) and (
+        shipped.config.data.image_size == config.data.image_size)
+    if not same_network:  # another network was asked for: no silent substitute
+      return CheckpointSampler(config, workdir)
     sampler = CheckpointSampler.from_reference(config.data.name, config.sample)
     logging.info("No checkpoint in %s: sampling from the shipped reference model %r "
                  "(step %d).", workdir, config.data.name, sampler.step)
