@@ -66,12 +66,13 @@ class CheckpointSampler:
 
   @classmethod
   def from_reference(cls, name: str,
-                     sample_config: ml_collections.ConfigDict | None = None
-                     ) -> CheckpointSampler:
+                     sample_config: ml_collections.ConfigDict | None = None,
+                     shipped=None) -> CheckpointSampler:
     """Samples from the shipped reference model ``name`` (`cfgdiff.reference`) with the
-    options of ``sample_config`` (a config.sample; None: those it was trained with)."""
+    options of ``sample_config`` (a config.sample; None: those it was trained with).
+    ``shipped``: the model as `reference.load` returned it, if already loaded."""
     from cfgdiff import reference  # pylint: disable=g-import-not-at-top
-    shipped = reference.load(name)
+    shipped = shipped or reference.load(name)
     config = shipped.config.copy_and_resolve_references()
     if sample_config is not None:
       config.sample = sample_config
@@ -210,7 +211,7 @@ def _workdir_or_reference_sampler(config: ml_collections.ConfigDict,
         shipped.config.data.image_size == config.data.image_size)
     if not same_network:  # another network was asked for: no silent substitute
       return CheckpointSampler(config, workdir)
-    sampler = CheckpointSampler.from_reference(config.data.name, config.sample)
+    sampler = CheckpointSampler.from_reference(config.data.name, config.sample, shipped)
     logging.info("No checkpoint in %s: sampling from the shipped reference model %r "
                  "(step %d).", workdir, config.data.name, sampler.step)
     return sampler
