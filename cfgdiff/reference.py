@@ -107,7 +107,8 @@ def heldout_loss(config: ml_collections.ConfigDict, params: Any, images: np.ndar
   return float(diffusion.eps_loss(eps, batch["eps"]))
 
 
-def _commit() -> str:
+def commit() -> str:
+  """The git commit cfgdiff runs from, or "unknown" outside a clone."""
   try:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
@@ -129,7 +130,7 @@ def export(workdir: str, name: str, command: str, root: pathlib.Path | None = No
   blob = flax.serialization.msgpack_serialize(params)
   images, labels = data.load_fashion_mnist(config.data.path, "test")
   manifest = dict(
-      name=name, step=sampler.step, command=command, commit=_commit(),
+      name=name, step=sampler.step, command=command, commit=commit(),
       exported=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob),
       parameters=int(sum(x.size for x in jax.tree.leaves(params))),

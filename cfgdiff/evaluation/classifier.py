@@ -2,13 +2,24 @@
 the CPU-scale sweep. Its penultimate layer gives FID and precision/recall features, its
 softmax the Inception-Score-style score and the accuracy on the requested class.
 
-Trained once on the training split and cached as WORKDIR-level files; the cache records
-its test accuracy so every result can say how trustworthy the evaluator is.
+One classifier ships with cfgdiff (``weights/``, with a manifest: test accuracy, epochs,
+the SHA-256 of the training split it saw and of its own file), so every user's FID is
+measured with the same instrument, as every FID on ImageNet is measured with the same
+Inception, and nobody spends the 2-5 minutes of training it. Other data, other epochs or
+``--config.sweep.shipped_classifier=False`` train one on the training split instead,
+cached as WORKDIR-level files that record its test accuracy.
+
+  python -m cfgdiff.evaluation.classifier --data_path=/usr/share/datasets/fashion-mnist
+
+trains (or takes from ``--cache_dir``) the classifier and writes the shipped files.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import pathlib
 import time
 
 import jax
@@ -19,10 +30,13 @@ from absl import logging
 from flax import linen as nn
 from flax import serialization
 
-from cfgdiff import data, files
+from cfgdiff import checkpoint, configs, data, files
 from cfgdiff.evaluation import batching
 
 FEATURE_DIM = 128
+SHIPPED_DIR = pathlib.Path(__file__).parent / "weights"
+SHIPPED_PARAMS = "fashion_mnist_classifier.msgpack"
+SHIPPED_MANIFEST = "fashion_mnist_classifier.json"
 
 
 class Classifier(nn.Module):
@@ -111,28 +125,118 @@ class ClassifierFeatures:
         self.batch_size, empty)
 
 
-def load_or_train(cache_dir: str, data_path: str, num_classes: int,
-                  epochs: int = 4) -> tuple[ClassifierFeatures, float]:
-  """The cached classifier in ``cache_dir`` (trained and saved there on first use) and its
-  test-set accuracy."""
+def data_digest(images: np.ndarray, labels: np.ndarray) -> str:
+  """SHA-256 of the decoded examples (uint8 images, int32 labels): the same data hash the
+  same, whatever files or compression they came from."""
+  digest = hashlib.sha256(np.ascontiguousarray(images, np.uint8).tobytes())
+  digest.update(np.ascontiguousarray(labels, np.int32).tobytes())
+  return digest.hexdigest()
+
+
+def _template(num_classes: int, image_shape: tuple[int, ...]) -> dict:
+  return Classifier(num_classes).init(jax.random.PRNGKey(0), jnp.zeros((1,) + image_shape))
+
+
+def load_shipped(train_digest: str, num_classes: int, epochs: int,
+                 image_shape: tuple[int, ...], folder: pathlib.Path = SHIPPED_DIR
+                 ) -> tuple[dict, dict] | None:
+  """(variables, manifest) of the shipped classifier when it was trained on data hashing
+  to ``train_digest`` with these classes and epochs; None when it was not (or none ships).
+  Raises CheckpointError when its file does not match the manifest's SHA-256."""
+  manifest_file, params_file = folder / SHIPPED_MANIFEST, folder / SHIPPED_PARAMS
+  if not manifest_file.exists():
+    return None
+  manifest = json.loads(manifest_file.read_text())
+  if (manifest["train_data_sha256"], manifest["num_classes"], manifest["epochs"]) != (
+      train_digest, num_classes, epochs):
+    return None
+  blob = params_file.read_bytes() if params_file.exists() else b""
+  digest = hashlib.sha256(blob).hexdigest()
+  if digest != manifest["sha256"]:
+    raise checkpoint.CheckpointError(
+        f"{params_file} is missing or corrupt: its SHA-256 is {digest}, {manifest_file} "
+        f"records {manifest['sha256']}. Restore it with `git checkout -- {params_file}` in a "
+        "clone (or reinstall cfgdiff), or train one with "
+        "--config.sweep.shipped_classifier=False.")
+  return serialization.from_bytes(_template(num_classes, image_shape), blob), manifest
+
+
+def test_accuracy(features: ClassifierFeatures, data_path: str) -> float:
+  """Accuracy on the whole test split."""
+  test_images, test_labels = data.load_fashion_mnist(data_path, "test")
+  return float(np.mean(np.argmax(features(test_images)[1], 1) == test_labels))
+
+
+def load_or_train(cache_dir: str, data_path: str, num_classes: int, epochs: int = 4,
+                  use_shipped: bool = True) -> tuple[ClassifierFeatures, float]:
+  """The evaluation classifier and its test-set accuracy: the one cached in ``cache_dir``
+  if any (a run keeps the instrument it started with), else the shipped one if it was
+  trained on this training split for ``epochs`` (and ``use_shipped``), else one trained
+  now and saved in ``cache_dir``."""
   params_file = files.path(cache_dir) / "classifier.msgpack"
   info_file = files.path(cache_dir) / "classifier.json"
   train_images, train_labels = data.load_fashion_mnist(data_path, "train")
-  template = Classifier(num_classes).init(jax.random.PRNGKey(0),
-                                          jnp.zeros((1,) + train_images.shape[1:]))
   if params_file.exists() and info_file.exists():
+    template = _template(num_classes, train_images.shape[1:])
     variables = serialization.from_bytes(template, params_file.read_bytes())
     return (ClassifierFeatures(variables, num_classes),
             json.loads(info_file.read_text())["test_accuracy"])
+
+  shipped = use_shipped and load_shipped(data_digest(train_images, train_labels),
+                                         num_classes, epochs, train_images.shape[1:])
+  if shipped:
+    variables, manifest = shipped
+    logging.info("Evaluation classifier: the shipped one (%s, SHA-256 %s...).",
+                 SHIPPED_DIR / SHIPPED_PARAMS, manifest["sha256"][:12])
+    return ClassifierFeatures(variables, num_classes), manifest["test_accuracy"]
 
   logging.info("Training the evaluation classifier on %d images (cached in %s).",
                len(train_images), cache_dir)
   variables = train_classifier(train_images, train_labels, num_classes, epochs)
   features = ClassifierFeatures(variables, num_classes)
-  test_images, test_labels = data.load_fashion_mnist(data_path, "test")
-  accuracy = float(np.mean(np.argmax(features(test_images)[1], 1) == test_labels))
+  accuracy = test_accuracy(features, data_path)
   logging.info("Evaluation classifier test accuracy: %.4f", accuracy)
   files.write_atomic(params_file, serialization.to_bytes(variables))
   files.write_atomic(info_file, json.dumps({"test_accuracy": accuracy, "epochs": epochs,
                                             "data_path": data_path}))
   return features, accuracy
+
+
+def ship(data_path: str, epochs: int, cache_dir: str, command: str,
+         folder: pathlib.Path = SHIPPED_DIR) -> dict:
+  """Trains the classifier (or reads it from ``cache_dir``, if cached there), writes it and
+  its manifest to ``folder``; returns the manifest."""
+  from cfgdiff import reference  # pylint: disable=g-import-not-at-top
+  num_classes = 10
+  info_file = files.path(cache_dir) / "classifier.json"
+  if info_file.exists() and json.loads(info_file.read_text())["epochs"] != epochs:
+    raise configs.ConfigError(f"{info_file} holds a classifier trained for another number of "
+                              f"epochs than --epochs={epochs}; pass another --cache_dir.")
+  features, _ = load_or_train(cache_dir, data_path, num_classes, epochs, use_shipped=False)
+  blob = serialization.to_bytes(features.variables)
+  train_images, train_labels = data.load_fashion_mnist(data_path, "train")
+  manifest = dict(
+      epochs=epochs, num_classes=num_classes, test_accuracy=test_accuracy(features, data_path),
+      train_data_sha256=data_digest(train_images, train_labels),
+      sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob), command=command,
+      commit=reference.commit())
+  folder.mkdir(parents=True, exist_ok=True)
+  files.write_atomic(str(folder / SHIPPED_PARAMS), blob)
+  files.write_atomic(str(folder / SHIPPED_MANIFEST), json.dumps(manifest, indent=2) + "\n")
+  return manifest
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description="Writes the shipped evaluation classifier.")
+  parser.add_argument("--data_path", default=configs.default_config().data.path)
+  parser.add_argument("--epochs", type=int, default=4)
+  parser.add_argument("--cache_dir", default="workdir/classifier",
+                      help="reused if it holds a classifier trained for --epochs")
+  args = parser.parse_args()
+  command = ("python -m cfgdiff.evaluation.classifier "
+             f"--data_path={args.data_path} --epochs={args.epochs}")
+  print(json.dumps(ship(args.data_path, args.epochs, args.cache_dir, command), indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -424,7 +424,8 @@ def _fashion_evaluator(config: ml_collections.ConfigDict, run_config: ml_collect
   from cfgdiff.evaluation import classifier  # pylint: disable=g-import-not-at-top
   dc, sw = run_config.data, config.sweep
   features, test_accuracy = classifier.load_or_train(
-      str(files.path(cache_dir) / "classifier"), dc.path, dc.num_classes, sw.classifier_epochs)
+      str(files.path(cache_dir) / "classifier"), dc.path, dc.num_classes, sw.classifier_epochs,
+      sw.shipped_classifier)
   logging.info("Evaluation classifier: %.2f%% test accuracy.", 100 * test_accuracy)
   train_images, _ = data.load_fashion_mnist(dc.path, "train")
   train_features, _ = features(train_images)
