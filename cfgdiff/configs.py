@@ -14,7 +14,8 @@ from typing import Any
 
 import ml_collections
 
-SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
+from cfgdiff import samplers
+
 DATASETS = ("fashion_mnist", "imagenet_resized/64x64", "imagenet2012")
 DTYPES = ("float32", "bfloat16")
 FEATURE_NETS = ("classifier", "inception")
@@ -251,8 +252,8 @@ def _is_finite_number(value: Any) -> bool:
 
 def validate_sample(sample: ml_collections.ConfigDict) -> None:
   """Checks config.sample.* (also used on its own by --mode=sample)."""
-  _require(sample.sampler in SAMPLERS, "sample.sampler", sample.sampler,
-           f"must be one of {SAMPLERS}")
+  _require(sample.sampler in samplers.METHODS, "sample.sampler", sample.sampler,
+           f"must be one of {samplers.names()}")
   _require(sample.num_steps >= 1, "sample.num_steps", sample.num_steps, "must be >= 1")
   _require(sample.num_per_class >= 1, "sample.num_per_class", sample.num_per_class,
            "must be >= 1")
@@ -273,8 +274,8 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
   _require(len(sweep.guidance_weights) >= 1 and all(
       _is_finite_number(w) for w in sweep.guidance_weights), "sweep.guidance_weights",
            sweep.guidance_weights, "must be a non-empty tuple of finite numbers")
-  _require(sweep.sampler in SAMPLERS, "sweep.sampler", sweep.sampler,
-           f"must be one of {SAMPLERS}")
+  _require(sweep.sampler in samplers.METHODS, "sweep.sampler", sweep.sampler,
+           f"must be one of {samplers.names()}")
   _require(sweep.num_steps >= 1, "sweep.num_steps", sweep.num_steps, "must be >= 1")
   _require(sweep.num_samples > sweep.pr_k, "sweep.num_samples", sweep.num_samples,
            f"must exceed sweep.pr_k={sweep.pr_k}")

@@ -1,6 +1,8 @@
 """Guided samplers: the paper's ancestral sampler (Algorithm 2), DDIM and DPM-Solver++(2M).
 
-All three share one grid and one guided prediction. The network is evaluated at
+`METHODS` is the one registry of samplers: a name maps to a step function and the number
+of guided predictions it makes per step, and the configs accept exactly its names. All
+share one grid and one guided prediction. The network is evaluated at
 l_1 < ... < l_T (log-SNRs of u evenly spaced from 1 down to 1/T, so l_1 = l_min) and the
 last step returns x~. The loop is a `lax.scan` inside one jit; the guidance weight,
 labels, noise keys and every option are traced, so a whole w sweep compiles once.
@@ -13,15 +15,90 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 
 from cfgdiff import guidance, schedule
-from cfgdiff.configs import SAMPLERS
 
 Array = jnp.ndarray
+
+
+class StepState(NamedTuple):
+  """What a step function sees at step t (arrays [B,H,W,C] unless noted).
+
+  z: the current latent at log-SNR ``logsnr``; x, eps: the guided prediction there.
+  logsnr, logsnr_next: scalars, the step goes from the first to the second (increasing).
+  x_prev, h_prev: the previous step's x~ and its step in lambda = logsnr / 2 (scalar), for
+    multistep methods; at t = 0 they are zeros and one.
+  t: scalar int32 step index.
+  """
+
+  z: Array
+  x: Array
+  eps: Array
+  logsnr: Array
+  logsnr_next: Array
+  x_prev: Array
+  h_prev: Array
+  t: Array
+
+
+def ancestral_step(s: StepState, noise: Callable[[], Array], v: Array) -> Array:
+  """The paper's Algorithm 2: draw z_{t+1} from the posterior with variance
+  (sigma~^2)^(1-v) (sigma_{t|t+1}^2)^v."""
+  mean, _ = schedule.posterior(s.z, s.x, s.logsnr, s.logsnr_next)
+  std = jnp.exp(0.5 * schedule.sampler_log_variance(s.logsnr, s.logsnr_next, v))
+  return mean + std * noise()
+
+
+def ddim_step(s: StepState, noise: Callable[[], Array], v: Array) -> Array:
+  """DDIM (Song et al. 2021), deterministic: z_{t+1} = alpha_{t+1} x~ + sigma_{t+1} eps~."""
+  del noise, v
+  alpha_next, sigma_next = schedule.alpha_sigma(s.logsnr_next)
+  return alpha_next * s.x + sigma_next * s.eps
+
+
+def dpmpp_2m_step(s: StepState, noise: Callable[[], Array], v: Array) -> Array:
+  """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in lambda = logsnr / 2: second order
+  from the previous step's x~, first order at t = 0."""
+  del noise, v
+  alpha_next, sigma_next = schedule.alpha_sigma(s.logsnr_next)
+  _, sigma = schedule.alpha_sigma(s.logsnr)
+  h = 0.5 * (s.logsnr_next - s.logsnr)
+  r = s.h_prev / h
+  d = jnp.where(s.t == 0, s.x, (1.0 + 0.5 / r) * s.x - (0.5 / r) * s.x_prev)
+  return (sigma_next / sigma) * s.z - alpha_next * jnp.expm1(-h) * d
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A sampler: its step function (state, noise thunk, v) -> z_{t+1}, and how many guided
+  predictions it makes per step (each costs two network evaluations where guidance is
+  on, one where it is off)."""
+
+  step: Callable[[StepState, Callable[[], Array], Array], Array]
+  predictions_per_step: int
+  description: str
+
+
+METHODS: dict[str, Method] = {
+    "ancestral": Method(ancestral_step, 1, "the paper's ancestral sampler, variance set by v"),
+    "ddim": Method(ddim_step, 1, "DDIM, deterministic"),
+    "dpmpp_2m": Method(dpmpp_2m_step, 1, "DPM-Solver++(2M), deterministic, second order"),
+}
+
+
+def names() -> tuple[str, ...]:
+  """The sampler names the configs accept."""
+  return tuple(METHODS)
+
+
+def network_evaluations(name: str, num_steps: int, guided: bool = True) -> int:
+  """Network evaluations per sample of a whole run (guidance on at every step if guided)."""
+  return METHODS[name].predictions_per_step * num_steps * (2 if guided else 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +112,8 @@ class SamplerSpec:
   logsnr_max: float = schedule.LOGSNR_MAX
 
   def __post_init__(self):
-    if self.name not in SAMPLERS:
-      raise ValueError(f"sampler {self.name!r} does not exist; choose one of {SAMPLERS}.")
+    if self.name not in METHODS:
+      raise ValueError(f"sampler {self.name!r} does not exist; choose one of {names()}.")
     if self.num_steps < 1:
       raise ValueError(f"num_steps={self.num_steps} must be >= 1.")
 
@@ -114,23 +191,15 @@ def sample(eps_fn: Callable[[Array, Array, Array], Array], keys: Array, labels: 
     x = guidance.dynamic_threshold(x, options.threshold)
     return x, schedule.predict_eps_from_x(z, x, l), cost
 
+  method = METHODS[spec.name]
+
   def step(carry, inputs):
     z, x_prev, h_prev, nfe = carry
     t, logsnr, logsnr_next = inputs
     x, eps, cost = predict(z, logsnr)
-    alpha_next, sigma_next = schedule.alpha_sigma(logsnr_next)
+    state = StepState(z, x, eps, logsnr, logsnr_next, x_prev, h_prev, t)
+    z_next = method.step(state, lambda: draw(keys, t + 1), options.v)
     h = 0.5 * (logsnr_next - logsnr)  # step in lambda = log(alpha / sigma)
-    if spec.name == "ancestral":
-      mean, _ = schedule.posterior(z, x, logsnr, logsnr_next)
-      std = jnp.exp(0.5 * schedule.sampler_log_variance(logsnr, logsnr_next, options.v))
-      z_next = mean + std * draw(keys, t + 1)
-    elif spec.name == "ddim":
-      z_next = alpha_next * x + sigma_next * eps
-    else:  # dpmpp_2m (Lu et al. 2022, Algorithm 2), in lambda = logsnr / 2.
-      _, sigma = schedule.alpha_sigma(logsnr)
-      r = h_prev / h
-      d = jnp.where(t == 0, x, (1.0 + 0.5 / r) * x - (0.5 / r) * x_prev)
-      z_next = (sigma_next / sigma) * z - alpha_next * jnp.expm1(-h) * d
     return (z_next, x, h, nfe + cost), None
 
   z = draw(keys, 0)

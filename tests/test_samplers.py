@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from cfgdiff import guidance, samplers, schedule
+from cfgdiff import configs, guidance, samplers, schedule
 
 N = 4000
 MU = np.array([0.5, -1.0, 0.2, 1.0])
@@ -55,7 +55,7 @@ def test_gaussian_data_is_reproduced(name, steps, tol):
   """DDIM, first order, runs about 5% narrow at 50 steps; the others are within 2-4%."""
   labels, w = jnp.zeros(N, jnp.int32), jnp.zeros(N)
   x, nfe = run(gaussian_eps, name, steps, labels, w, (2, 2, 1), 1)
-  assert nfe == 2 * steps
+  assert nfe == samplers.network_evaluations(name, steps) == 2 * steps
   np.testing.assert_allclose(x.mean(0), MU, atol=4 * STD.max() / np.sqrt(N))
   np.testing.assert_allclose(x.std(0), STD, rtol=tol)
 
@@ -172,7 +172,7 @@ def test_guidance_interval_skips_unconditional_evaluations(tiny_unet):
   assert nfe == steps + inside
   x_off, nfe_off = run(eps_fn, "ddim", steps, labels, w, (8, 8, 1), nc, opts((50.0, 60.0)))
   x_w0, _ = run(eps_fn, "ddim", steps, labels, jnp.zeros(4), (8, 8, 1), nc, opts((50.0, 60.0)))
-  assert nfe_off == steps
+  assert nfe_off == samplers.network_evaluations("ddim", steps, guided=False) == steps
   np.testing.assert_allclose(x_off, x_w0, atol=1e-5)  # no guidance anywhere equals w = 0
   _, nfe_all = run(eps_fn, "ddim", steps, labels, w, (8, 8, 1), nc)
   assert nfe_all == 2 * steps
@@ -214,3 +214,28 @@ def test_sweep_compiles_once(tiny_unet):
 def test_unknown_sampler_is_refused():
   with pytest.raises(ValueError, match="does not exist"):
     samplers.SamplerSpec("euler", 10)
+  config = configs.default_config()
+  config.sample.sampler = "euler"
+  with pytest.raises(ValueError, match="sample.sampler.*ancestral.*ddim.*dpmpp_2m"):
+    configs.validate_sample(config.sample)
+
+
+def test_registry_is_what_configs_and_sample_run(monkeypatch):
+  """A method added to the registry is accepted by the configs and its step function is
+  the one `sample` runs: no name is handled outside the registry."""
+  def hold_step(state, noise, v):
+    del noise, v
+    return state.z  # never moves: the output is x~ predicted from the initial noise
+
+  monkeypatch.setitem(samplers.METHODS, "hold", samplers.Method(hold_step, 1, "test"))
+  config = configs.default_config()
+  config.sweep.sampler = "hold"
+  configs.validate_sweep(config.sweep)
+  labels, w = jnp.zeros(8, jnp.int32), jnp.zeros(8)
+  x, nfe = run(gaussian_eps, "hold", 5, labels, w, (2, 2, 1), 1)
+  z0 = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (2, 2, 1)))(
+      samplers.example_keys(0, jnp.arange(8)))
+  l_last = jnp.full((8,), samplers.logsnr_grid(5)[-1])
+  expected = schedule.predict_x_from_eps(z0, gaussian_eps(z0, l_last, labels), l_last)
+  np.testing.assert_allclose(x, np.asarray(expected).reshape(8, -1), rtol=1e-5, atol=1e-6)
+  assert nfe == samplers.network_evaluations("hold", 5)
