@@ -241,34 +241,56 @@ def _table_markdown(rows: list[dict], floor: dict,
   return "\n".join(lines + differences) + "\n"
 
 
+def _paired_changes(a: dict | None, b: dict | None,
+                    replicates: dict[tuple, dict[str, np.ndarray]]) -> list[str] | None:
+  """Cell b minus cell a for each metric ± its paired bootstrap standard error (the same
+  draws over the same seeds in every cell), marked * where resolved; None if either cell
+  has no replicates."""
+  ra = replicates.get(_cell_key(a)) if a else None
+  rb = replicates.get(_cell_key(b)) if b else None
+  if ra is None or rb is None:
+    return None
+  entries = []
+  for _, key, digits in DIFFERENCE_METRICS:
+    if key not in ra or key not in rb or len(ra[key]) != len(rb[key]):
+      entries.append("-")
+      continue
+    change = _number(b[key]) - _number(a[key])
+    error = metrics_lib.standard_error(rb[key] - ra[key])
+    mark = " *" if abs(change) > RESOLVED_SE * error else ""
+    entries.append(f"{change:+.{digits}f} ± {error:.{digits}f}{mark}")
+  return entries
+
+
 def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
-  """Adjacent weights of each run: the change of each metric ± its paired standard
-  error, marked * where it exceeds RESOLVED_SE errors."""
+  """The change of each metric ± its paired standard error, marked * where it exceeds
+  RESOLVED_SE errors: between adjacent weights of each run, then (several runs) between
+  runs of adjacent p_uncond at each weight."""
+  columns = " | ".join(name for name, _, _ in DIFFERENCE_METRICS)
+  rule = "|---|---|" + "---|" * len(DIFFERENCE_METRICS)
   lines = []
+  by_weight = []
   for _, run in runs:
     for w0, w1 in zip(weights[:-1], weights[1:], strict=True):
-      a, b = cell.get((run, w0)), cell.get((run, w1))
-      ra = replicates.get(_cell_key(a)) if a else None
-      rb = replicates.get(_cell_key(b)) if b else None
-      if ra is None or rb is None:
-        continue
-      entries = []
-      for _, key, digits in DIFFERENCE_METRICS:
-        if key not in ra or key not in rb or len(ra[key]) != len(rb[key]):
-          entries.append("-")
-          continue
-        change = _number(b[key]) - _number(a[key])
-        error = metrics_lib.standard_error(rb[key] - ra[key])
-        mark = " *" if abs(change) > RESOLVED_SE * error else ""
-        entries.append(f"{change:+.{digits}f} ± {error:.{digits}f}{mark}")
-      lines.append(f"| {names[run]} | {w0:g} → {w1:g} | " + " | ".join(entries) + " |")
-  if not lines:
-    return []
-  header = ["", f"**Change between adjacent weights** (paired bootstrap over the same "
-            f"seeds; * where the change exceeds {RESOLVED_SE:g} standard errors)", "",
-            "| run | w | " + " | ".join(name for name, _, _ in DIFFERENCE_METRICS) + " |",
-            "|---|---|" + "---|" * len(DIFFERENCE_METRICS)]
-  return header + lines
+      entries = _paired_changes(cell.get((run, w0)), cell.get((run, w1)), replicates)
+      if entries:
+        by_weight.append(f"| {names[run]} | {w0:g} → {w1:g} | " + " | ".join(entries) + " |")
+  if by_weight:
+    lines += ["", f"**Change between adjacent weights** (paired bootstrap over the same "
+              f"seeds; * where the change exceeds {RESOLVED_SE:g} standard errors)", "",
+              f"| run | w | {columns} |", rule] + by_weight
+  by_run = []
+  for w in weights:
+    for (_, run0), (_, run1) in zip(runs[:-1], runs[1:], strict=True):
+      entries = _paired_changes(cell.get((run0, w)), cell.get((run1, w)), replicates)
+      if entries:
+        by_run.append(f"| {w:g} | {names[run0]} → {names[run1]} | " + " | ".join(entries)
+                      + " |")
+  if by_run:
+    lines += ["", f"**Change between adjacent p_uncond at each weight** (paired bootstrap "
+              f"over the same seeds and labels; * where the change exceeds {RESOLVED_SE:g} "
+              "standard errors)", "", f"| w | runs | {columns} |", rule] + by_run
+  return lines
 
 
 def plot_tradeoff(rows: list[dict], path: str) -> None:

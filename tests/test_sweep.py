@@ -162,3 +162,23 @@ def test_changes_between_weights_carry_paired_errors_and_are_marked_when_resolve
   assert f"+2.00 ± {error:.2f} *" in lines["0 → 1"]
   # 62 -> 62.1 with paired error ~2: not resolved, no mark.
   assert "+0.10 ± " in lines["1 → 2"] and "*" not in lines["1 → 2"]
+
+
+def test_changes_between_p_uncond_at_each_weight_are_paired():
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  rng = np.random.default_rng(1)
+  shared = rng.normal(size=200)
+  rows, replicates = [], {}
+  for run, p, fid, noise in (("a", "0.1", 20.0, shared), ("b", "0.5", 23.0, shared + 0.2 *
+                                                           rng.normal(size=200))):
+    rows.append(dict(run=run, step="9", p_uncond=p, w="1.0", **sweep.settings(config),
+                     fid=str(fid), fid_se="2.0", is_mean="2.0", precision="0.5", recall="0.5",
+                     accuracy="0.7"))
+    replicates[sweep._cell_key(rows[-1])] = {"fid": fid + 2.0 * noise}
+  table = sweep.results_markdown(rows, {}, replicates)
+  assert "Change between adjacent weights" not in table  # one weight per run
+  line = next(x for x in table.splitlines() if x.startswith("| 1 | p_uncond=0.1 → p_uncond=0.5"))
+  error = np.std(replicates[sweep._cell_key(rows[1])]["fid"]
+                 - replicates[sweep._cell_key(rows[0])]["fid"], ddof=1)
+  assert f"+3.00 ± {error:.2f} *" in line, line
