@@ -54,8 +54,9 @@ table1: setup
 	$(CLI) --workdir=$(TABLE1) --mode=sweep \
 	  --config.sweep.guidance_weights="(0.0,0.1,0.3,0.5,1.0,2.0,4.0)"
 
-# The same table at reference quality: each p_uncond trained like the shipped reference
-# model (128k images, about 45 min each on a 2-core Zen 3), 500 samples per cell. Resumes.
+# Table 1 at reference quality: each p_uncond trained like the shipped reference model
+# (128k images, 40-60 min each on a 2-core Zen 3), then the default sweep grid
+# (w = 0, 0.3, 1, 2, 4) with 500 samples per cell. Resumes where it stopped.
 TABLE1_REFERENCE ?= workdir/table1_ref
 table1-reference: setup
 	for p in 0.1 0.2 0.5; do \

@@ -14,8 +14,6 @@ from typing import Any
 
 import ml_collections
 
-from cfgdiff import samplers
-
 DATASETS = ("fashion_mnist", "imagenet_resized/64x64", "imagenet2012")
 DTYPES = ("float32", "bfloat16")
 FEATURE_NETS = ("classifier", "inception")
@@ -252,6 +250,7 @@ def _is_finite_number(value: Any) -> bool:
 
 def validate_sample(sample: ml_collections.ConfigDict) -> None:
   """Checks config.sample.* (also used on its own by --mode=sample)."""
+  from cfgdiff import samplers  # here, not at the top: configs must not import jax
   _require(sample.sampler in samplers.METHODS, "sample.sampler", sample.sampler,
            f"must be one of {samplers.names()}")
   _require(sample.num_steps >= 1, "sample.num_steps", sample.num_steps, "must be >= 1")
@@ -274,6 +273,7 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
   _require(len(sweep.guidance_weights) >= 1 and all(
       _is_finite_number(w) for w in sweep.guidance_weights), "sweep.guidance_weights",
            sweep.guidance_weights, "must be a non-empty tuple of finite numbers")
+  from cfgdiff import samplers  # here, not at the top: configs must not import jax
   _require(sweep.sampler in samplers.METHODS, "sweep.sampler", sweep.sampler,
            f"must be one of {samplers.names()}")
   _require(sweep.num_steps >= 1, "sweep.num_steps", sweep.num_steps, "must be >= 1")

@@ -265,7 +265,7 @@ def _paired_changes(a: dict | None, b: dict | None,
 def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
   """The change of each metric ± its paired standard error, marked * where it exceeds
   RESOLVED_SE errors: between adjacent weights of each run, then (several runs) between
-  runs of adjacent p_uncond at each weight."""
+  runs of adjacent p_uncond at each weight, where both are at the same step."""
   columns = " | ".join(name for name, _, _ in DIFFERENCE_METRICS)
   rule = "|---|---|" + "---|" * len(DIFFERENCE_METRICS)
   lines = []
@@ -282,14 +282,18 @@ def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
   by_run = []
   for w in weights:
     for (_, run0), (_, run1) in zip(runs[:-1], runs[1:], strict=True):
-      entries = _paired_changes(cell.get((run0, w)), cell.get((run1, w)), replicates)
+      a, b = cell.get((run0, w)), cell.get((run1, w))
+      if a and b and a["step"] != b["step"]:
+        continue  # a run still training: the change would mix p_uncond with its length
+      entries = _paired_changes(a, b, replicates)
       if entries:
         by_run.append(f"| {w:g} | {names[run0]} → {names[run1]} | " + " | ".join(entries)
                       + " |")
   if by_run:
-    lines += ["", f"**Change between adjacent p_uncond at each weight** (paired bootstrap "
-              f"over the same seeds and labels; * where the change exceeds {RESOLVED_SE:g} "
-              "standard errors)", "", f"| w | runs | {columns} |", rule] + by_run
+    lines += ["", f"**Change between adjacent p_uncond at each weight** (runs at the same "
+              f"checkpoint step; paired bootstrap over the same seeds and labels; * where "
+              f"the change exceeds {RESOLVED_SE:g} standard errors)", "",
+              f"| w | runs | {columns} |", rule] + by_run
   return lines
 
 

@@ -227,15 +227,22 @@ def test_registry_is_what_configs_and_sample_run(monkeypatch):
     del noise, v
     return state.z  # never moves: the output is x~ predicted from the initial noise
 
-  monkeypatch.setitem(samplers.METHODS, "hold", samplers.Method(hold_step, 1, "test"))
+  monkeypatch.setitem(samplers.METHODS, "hold", samplers.Method(hold_step))
   config = configs.default_config()
   config.sweep.sampler = "hold"
   configs.validate_sweep(config.sweep)
   labels, w = jnp.zeros(8, jnp.int32), jnp.zeros(8)
-  x, nfe = run(gaussian_eps, "hold", 5, labels, w, (2, 2, 1), 1)
+  x, nfe = run(gaussian_eps, "hold", 5, labels, w, (2, 2, 1), 1)  # clip_x off: exact x~
   z0 = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (2, 2, 1)))(
       samplers.example_keys(0, jnp.arange(8)))
   l_last = jnp.full((8,), samplers.logsnr_grid(5)[-1])
   expected = schedule.predict_x_from_eps(z0, gaussian_eps(z0, l_last, labels), l_last)
   np.testing.assert_allclose(x, np.asarray(expected).reshape(8, -1), rtol=1e-5, atol=1e-6)
   assert nfe == samplers.network_evaluations("hold", 5)
+
+
+@pytest.mark.parametrize("name", list(samplers.METHODS))
+def test_declared_network_evaluations_are_what_sample_counts(name):
+  labels = jnp.zeros(2, jnp.int32)
+  _, nfe = run(gaussian_eps, name, 3, labels, jnp.ones(2), (2, 2, 1), 1)
+  assert nfe == samplers.network_evaluations(name, 3)
