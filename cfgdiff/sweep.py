@@ -283,7 +283,8 @@ def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
   for w in weights:
     for (_, run0), (_, run1) in zip(runs[:-1], runs[1:], strict=True):
       a, b = cell.get((run0, w)), cell.get((run1, w))
-      if a and b and a["step"] != b["step"]:
+      # int(): cells read back from results.csv hold the step as text, fresh ones as int.
+      if a and b and int(a["step"]) != int(b["step"]):
         continue  # a run still training: the change would mix p_uncond with its length
       entries = _paired_changes(a, b, replicates)
       if entries:

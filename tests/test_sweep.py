@@ -182,6 +182,9 @@ def test_changes_between_p_uncond_at_each_weight_are_paired():
   error = np.std(replicates[sweep._cell_key(rows[1])]["fid"]
                  - replicates[sweep._cell_key(rows[0])]["fid"], ddof=1)
   assert f"+3.00 ± {error:.2f} *" in line, line
+  rows[1]["step"] = 9  # a cell evaluated in this process, beside one read from results.csv
+  assert f"+3.00 ± {error:.2f} *" in sweep.results_markdown(rows, {}, {
+      sweep._cell_key(r): replicates[k] for r, k in zip(rows, replicates, strict=True)})
   rows[1]["step"] = "8"  # a run still training is not compared
   assert "Change between adjacent p_uncond" not in sweep.results_markdown(
       rows, {}, {sweep._cell_key(r): replicates[k] for r, k in zip(
