@@ -47,24 +47,31 @@ sweep: setup
 run: train sweep
 
 # The paper's Table 1 at CPU scale: p_uncond 0.1, 0.2, 0.5, then w from 0 to 4.
+TABLE1_P_UNCOND := 0.1 0.2 0.5
+TABLE1_WEIGHTS := "(0.0,0.1,0.3,0.5,1.0,2.0,4.0)"
 table1: setup
-	for p in 0.1 0.2 0.5; do \
+	for p in $(TABLE1_P_UNCOND); do \
 	  $(CLI) --workdir=$(TABLE1)/p_uncond_$$p --config.diffusion.p_uncond=$$p || exit 1; \
 	done
-	$(CLI) --workdir=$(TABLE1) --mode=sweep \
-	  --config.sweep.guidance_weights="(0.0,0.1,0.3,0.5,1.0,2.0,4.0)"
+	$(CLI) --workdir=$(TABLE1) --mode=sweep --config.sweep.guidance_weights=$(TABLE1_WEIGHTS)
 
 # Table 1 at reference quality: each p_uncond trained like the shipped reference model
 # (128k images, 40-60 min each on a 2-core Zen 3), then `make table1`'s grid of w with 500
-# samples per cell (about 2.5 min each). Resumes where it stopped.
+# samples per cell (about 2.5 min each). Resumes where it stopped. p_uncond = 0.2 is
+# `make reference`'s training (the same config and command): its run is copied in if present.
 TABLE1_REFERENCE ?= workdir/table1_ref
 table1-reference: setup
-	for p in 0.1 0.2 0.5; do \
+	@if [ -d $(REFERENCE_WORKDIR)/checkpoints ] && [ ! -e $(TABLE1_REFERENCE)/p_uncond_0.2 ]; then \
+	  echo "p_uncond 0.2: copying make reference's run from $(REFERENCE_WORKDIR)"; \
+	  mkdir -p $(TABLE1_REFERENCE)/p_uncond_0.2 && \
+	  cp -r $(REFERENCE_WORKDIR)/checkpoints $(REFERENCE_WORKDIR)/config.json \
+	    $(TABLE1_REFERENCE)/p_uncond_0.2/; fi
+	for p in $(TABLE1_P_UNCOND); do \
 	  $(PY) -m cfgdiff.main --config=experiments/fashion_mnist_reference.py \
 	    --workdir=$(TABLE1_REFERENCE)/p_uncond_$$p --config.diffusion.p_uncond=$$p || exit 1; \
 	done
 	$(CLI) --workdir=$(TABLE1_REFERENCE) --mode=sweep --config.sweep.num_samples=500 \
-	  --config.sweep.guidance_weights="(0.0,0.1,0.3,0.5,1.0,2.0,4.0)"
+	  --config.sweep.guidance_weights=$(TABLE1_WEIGHTS)
 
 # The shipped reference model (cfgdiff/reference_models/fashion_mnist): the default network
 # trained on 128k images (resumes when restarted), exported with its manifest, then swept.

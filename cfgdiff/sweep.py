@@ -259,7 +259,7 @@ def _paired_changes(a: dict | None, b: dict | None,
     error = metrics_lib.standard_error(rb[key] - ra[key])
     mark = " *" if abs(change) > RESOLVED_SE * error else ""
     entries.append(f"{change:+.{digits}f} ± {error:.{digits}f}{mark}")
-  return entries
+  return None if all(e == "-" for e in entries) else entries
 
 
 def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
@@ -281,7 +281,9 @@ def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
               f"| run | w | {columns} |", rule] + by_weight
   by_run = []
   for w in weights:
-    for (_, run0), (_, run1) in zip(runs[:-1], runs[1:], strict=True):
+    for (p0, run0), (p1, run1) in zip(runs[:-1], runs[1:], strict=True):
+      if p0 == p1:
+        continue  # two runs of one p_uncond: not a p_uncond change
       a, b = cell.get((run0, w)), cell.get((run1, w))
       # int(): cells read back from results.csv hold the step as text, fresh ones as int.
       if a and b and int(a["step"]) != int(b["step"]):
@@ -293,7 +295,9 @@ def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
   if by_run:
     lines += ["", f"**Change between adjacent p_uncond at each weight** (runs at the same "
               f"checkpoint step; paired bootstrap over the same seeds and labels; * where "
-              f"the change exceeds {RESOLVED_SE:g} standard errors)", "",
+              f"the change exceeds {RESOLVED_SE:g} standard errors). The error is sampling "
+              f"error only: with one training run per p_uncond, it leaves out how much "
+              f"retraining with another seed would move a run.", "",
               f"| w | runs | {columns} |", rule] + by_run
   return lines
 

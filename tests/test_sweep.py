@@ -183,9 +183,21 @@ def test_changes_between_p_uncond_at_each_weight_are_paired():
                  - replicates[sweep._cell_key(rows[0])]["fid"], ddof=1)
   assert f"+3.00 ± {error:.2f} *" in line, line
   rows[1]["step"] = 9  # a cell evaluated in this process, beside one read from results.csv
-  assert f"+3.00 ± {error:.2f} *" in sweep.results_markdown(rows, {}, {
-      sweep._cell_key(r): replicates[k] for r, k in zip(rows, replicates, strict=True)})
-  rows[1]["step"] = "8"  # a run still training is not compared
+  assert f"+3.00 ± {error:.2f} *" in sweep.results_markdown(rows, {}, replicates)
+  rows[1]["p_uncond"] = "0.1"  # two runs of one p_uncond: no p_uncond change to report
+  assert "Change between adjacent p_uncond" not in sweep.results_markdown(rows, {}, replicates)
+  rows[1]["p_uncond"] = "0.5"
+  rows[1]["step"] = "8"  # a run still training is not compared (re-keyed: the key has the step)
   assert "Change between adjacent p_uncond" not in sweep.results_markdown(
       rows, {}, {sweep._cell_key(r): replicates[k] for r, k in zip(
           rows, replicates, strict=True)})
+
+
+def test_paired_change_without_comparable_replicates_is_no_row():
+  a = dict(run="a", step="9", w="1.0", fid="20.0")
+  b = dict(run="a", step="9", w="2.0", fid="22.0")
+  draws = np.arange(200.0)
+  comparable = {sweep._cell_key(a): {"fid": draws}, sweep._cell_key(b): {"fid": draws + 1}}
+  assert sweep._paired_changes(a, b, comparable)[0].startswith("+2.00 ± 0.00 *")
+  other_counts = {sweep._cell_key(a): {"fid": draws}, sweep._cell_key(b): {"fid": draws[:100]}}
+  assert sweep._paired_changes(a, b, other_counts) is None
