@@ -86,6 +86,12 @@ def read_results(path: str) -> list[dict]:
   return list(csv.DictReader(io.StringIO(files.path(path).read_text())))
 
 
+def _as_written(row: dict) -> dict[str, str]:
+  """A row as results.csv stores it and read_results returns it: every value text (None
+  as ''), so rows just evaluated and rows read back compare alike."""
+  return {k: "" if v is None else str(v) for k, v in row.items()}
+
+
 def _write_results(path: str, rows: list[dict]) -> None:
   buffer = io.StringIO()
   # Rows of an older sweep lack the newer setting columns: left empty, never matched.
@@ -285,8 +291,7 @@ def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
       if p0 == p1:
         continue  # two runs of one p_uncond: not a p_uncond change
       a, b = cell.get((run0, w)), cell.get((run1, w))
-      # int(): cells read back from results.csv hold the step as text, fresh ones as int.
-      if a and b and int(a["step"]) != int(b["step"]):
+      if a and b and a["step"] != b["step"]:
         continue  # a run still training: the change would mix p_uncond with its length
       entries = _paired_changes(a, b, replicates)
       if entries:
@@ -480,8 +485,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
         row = _evaluate_cell(r, sampler, w, config, evaluator, out_dir, progress)
         logging.info("%s step %d w=%g: %s", r.name, sampler.step, w,
                      {k: round(row[k], 4) for k in evaluator_lib.METRICS})
-        rows.append(row | {"fid_floor": evaluator.floor["fid"]})
-        done.add(_cell_key({k: str(v) for k, v in row.items()}))
+        rows.append(_as_written(row | {"fid_floor": evaluator.floor["fid"]}))
+        done.add(_cell_key(rows[-1]))
         if jax.process_index() == 0:
           _write_results(results_csv, rows)
     # Each host read its own config.json (num_steps); stop on process 0's word.

@@ -182,8 +182,12 @@ def test_changes_between_p_uncond_at_each_weight_are_paired():
   error = np.std(replicates[sweep._cell_key(rows[1])]["fid"]
                  - replicates[sweep._cell_key(rows[0])]["fid"], ddof=1)
   assert f"+3.00 ± {error:.2f} *" in line, line
-  rows[1]["step"] = 9  # a cell evaluated in this process, beside one read from results.csv
-  assert f"+3.00 ± {error:.2f} *" in sweep.results_markdown(rows, {}, replicates)
+  # A cell evaluated in this process (typed values) joins the rows as results.csv gives them
+  # back, so it is compared with the cells read from the file, not silently skipped.
+  fresh = dict(rows[1], step=9, w=1.0, fid=23.0, fid_se=2.0)
+  assert sweep._as_written(fresh) == rows[1]
+  assert f"+3.00 ± {error:.2f} *" in sweep.results_markdown(
+      [rows[0], sweep._as_written(fresh)], {}, replicates)
   rows[1]["p_uncond"] = "0.1"  # two runs of one p_uncond: no p_uncond change to report
   assert "Change between adjacent p_uncond" not in sweep.results_markdown(rows, {}, replicates)
   rows[1]["p_uncond"] = "0.5"
@@ -191,6 +195,15 @@ def test_changes_between_p_uncond_at_each_weight_are_paired():
   assert "Change between adjacent p_uncond" not in sweep.results_markdown(
       rows, {}, {sweep._cell_key(r): replicates[k] for r, k in zip(
           rows, replicates, strict=True)})
+
+
+def test_rows_are_written_and_read_back_as_they_are_kept(tmp_path):
+  fresh = dict(run="a", step=9, w=0.5, fid=20.25, clip_x=False, rescale=None)
+  path = str(tmp_path / "results.csv")
+  sweep._write_results(path, [sweep._as_written(fresh)])
+  (back,) = sweep.read_results(path)
+  assert {k: back[k] for k in fresh} == sweep._as_written(fresh)
+  assert sweep._as_written(fresh)["step"] == "9" and sweep._as_written(fresh)["rescale"] == ""
 
 
 def test_paired_change_without_comparable_replicates_is_no_row():
