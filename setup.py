@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cfgdiff", "cfgdiff.*", "experiments", "experiments.*"]),
     # The shipped reference model (cfgdiff/reference.py): a few MB of EMA parameters.
-    package_data={"cfgdiff": ["reference_models/*/*", "evaluation/weights/*"]},
+    package_data={"cfgdiff": ["reference_models/*/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",

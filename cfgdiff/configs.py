@@ -97,8 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.sweep.num_steps = 256
   config.sweep.feature_net = "classifier"  # 'classifier' (28x28 grey) or 'inception'
   config.sweep.classifier_epochs = 4
-  # The classifier shipped in cfgdiff/evaluation/weights when the data and epochs are what
-  # it was trained with (every user's FID then uses the same instrument); False trains one.
+  # The classifier shipped in cfgdiff/reference_models/fashion_mnist when the data and epochs
+  # are what it was trained with (every user's FID then uses the same instrument); False
+  # trains one.
   config.sweep.shipped_classifier = True
   # Inception weights (feature_net='inception'): "download" = pytorch-fid's
   # pt_inception-2015-12-05-6726825d.pth (FID and IS), downloaded once into cache_dir and

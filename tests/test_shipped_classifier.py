@@ -1,5 +1,5 @@
-"""The evaluation classifier shipped in cfgdiff/evaluation/weights: trained on exactly the
-installed Fashion-MNIST training split, scoring the test accuracy its manifest records,
+"""The evaluation classifier shipped in cfgdiff/reference_models/fashion_mnist: trained on
+exactly the installed Fashion-MNIST training split, scoring the test accuracy its manifest records,
 used by default on that data only, and refused with the fix when its file is corrupt."""
 
 import json

@@ -2,8 +2,9 @@
 the CPU-scale sweep. Its penultimate layer gives FID and precision/recall features, its
 softmax the Inception-Score-style score and the accuracy on the requested class.
 
-One classifier ships with cfgdiff (``weights/``, with a manifest: test accuracy, epochs,
-the SHA-256 of the training split it saw and of its own file), so every user's FID is
+One classifier ships with cfgdiff, beside the Fashion-MNIST reference model
+(``cfgdiff/reference_models/fashion_mnist/classifier.*``, with a manifest: test accuracy,
+epochs, the SHA-256 of the training split it saw and of its own file), so every user's FID is
 measured with the same instrument, as every FID on ImageNet is measured with the same
 Inception, and nobody spends the 2-5 minutes of training it. Other data, other epochs or
 ``--config.sweep.shipped_classifier=False`` train one on the training split instead,
@@ -34,9 +35,9 @@ from cfgdiff import checkpoint, configs, data, files
 from cfgdiff.evaluation import batching
 
 FEATURE_DIM = 128
-SHIPPED_DIR = pathlib.Path(__file__).parent / "weights"
-SHIPPED_PARAMS = "fashion_mnist_classifier.msgpack"
-SHIPPED_MANIFEST = "fashion_mnist_classifier.json"
+SHIPPED_DIR = pathlib.Path(__file__).parents[1] / "reference_models" / "fashion_mnist"
+SHIPPED_PARAMS = "classifier.msgpack"
+SHIPPED_MANIFEST = "classifier.json"
 
 
 class Classifier(nn.Module):
