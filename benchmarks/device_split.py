@@ -111,7 +111,8 @@ def main() -> None:
     print(json.dumps(worker(json.loads(args.worker))))
     return
 
-  cores = len(os.sched_getaffinity(0))
+  allowed = sorted(os.sched_getaffinity(0))  # the cores this process may use, not always 0..n-1
+  cores = len(allowed)
   if args.batch % cores:
     parser.error(f"--batch {args.batch} must divide over the {cores} cores")
   per_core = dict(model=args.model, batch=args.batch // cores, steps=args.steps)
@@ -119,9 +120,9 @@ def main() -> None:
       f"one process, {cores} devices, batch {args.batch}":
           _results([_start(dict(per_core, batch=args.batch), cores)]),
       f"one process pinned to one core, batch {args.batch // cores}, alone":
-          _results([_start(dict(per_core, core=0), 1)]),
+          _results([_start(dict(per_core, core=allowed[0]), 1)]),
       f"{cores} pinned processes at once, batch {args.batch // cores} each (no all-reduce)":
-          _results([_start(dict(per_core, core=core), 1) for core in range(cores)]),
+          _results([_start(dict(per_core, core=core), 1) for core in allowed]),
   }
   header = ["variant", "forward loss (ms)", "value and gradient (ms)", "training step (ms)",
             f"images/s over {cores} cores"]
