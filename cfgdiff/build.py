@@ -40,7 +40,8 @@ def make_model(config: ml_collections.ConfigDict) -> UNet:
   return UNet(num_classes=config.data.num_classes, ch=m.ch, ch_mult=tuple(m.ch_mult),
               num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
               head_channels=m.head_channels, num_heads=m.num_heads, dropout=m.dropout,
-              dtype=jnp.dtype(m.dtype))
+              dtype=jnp.dtype(m.dtype),
+              kernel_grad_taps=config.train.kernel_gradient != "xla")
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -16,6 +16,7 @@ import ml_collections
 
 DATASETS = ("fashion_mnist", "imagenet_resized/64x64", "imagenet2012")
 DTYPES = ("float32", "bfloat16")
+KERNEL_GRADIENTS = ("auto", "taps", "xla")  # train.kernel_gradient
 FEATURE_NETS = ("classifier", "inception")
 INCEPTION_WEIGHTS = ("download", "default_1")  # or the path of a pytorch-fid state dict
 
@@ -70,6 +71,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 500
   config.train.keep_checkpoints = 3
   config.train.log_every_steps = 50
+  # The convolutions' kernel gradient on CPU (the same values either way; TPU and GPU
+  # always use XLA's): "auto" times cfgdiff/models/conv.py's tap products against XLA's own
+  # for each layer before training and keeps the faster, since which wins depends on the
+  # CPU; "taps" or "xla" for every layer.
+  config.train.kernel_gradient = "auto"
 
   # Sampling (--mode=sample): the same seeds for every w, images in WORKDIR/samples/.
   config.sample = ml_collections.ConfigDict()
@@ -203,6 +209,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   _require(diff.logsnr_min < diff.logsnr_max, "diffusion.logsnr_min", diff.logsnr_min,
            f"must be below diffusion.logsnr_max={diff.logsnr_max}")
   _require(train.num_steps >= 1, "train.num_steps", train.num_steps, "must be >= 1")
+  _require(train.kernel_gradient in KERNEL_GRADIENTS, "train.kernel_gradient",
+           train.kernel_gradient, f"must be one of {KERNEL_GRADIENTS}")
   _require(train.batch_size >= 1, "train.batch_size", train.batch_size,
            "must be a positive integer")
   _require(train.batch_size % num_devices == 0, "train.batch_size", train.batch_size,

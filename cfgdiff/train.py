@@ -162,6 +162,79 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     files.write_atomic(path, json.dumps(current, indent=2))
 
 
+_KERNEL_GRADIENT_FILE = "kernel_gradient.json"
+_TIMED_STEPS = 5  # per variant and round; two rounds, alternating
+
+
+def compile_step_for_this_cpu(config: ml_collections.ConfigDict, model: UNet,
+                              optimizer: optax.GradientTransformation, mesh: Mesh,
+                              state: build.TrainState, workdir: str) -> Callable:
+  """The train step, with the kernel gradient that train.kernel_gradient asks for.
+
+  "auto" on CPU compiles the step with conv.py's tap products and with XLA's own kernel
+  gradient, times a few steps of each on a copy of ``state`` and keeps the faster (which
+  one wins depends on the CPU: BENCHMARKS.md). Process 0's timing decides for every
+  process. The choice goes to WORKDIR/kernel_gradient.json and a resumed run reuses it, so
+  it computes what an uninterrupted one would; only speed and float rounding differ.
+  """
+  mode = config.train.kernel_gradient
+  path = files.path(workdir) / _KERNEL_GRADIENT_FILE
+  if mode == "auto" and jax.default_backend() != "cpu":
+    mode = "xla"  # the taps exist on CPU only (conv.py)
+  if mode == "auto":  # process 0 reads the saved choice for all ("auto" if there is none)
+    mode = multihost.agreed(_saved_kernel_gradient(path) if jax.process_index() == 0 else None)
+  if mode != "auto":
+    return compile_train_step(config, model.clone(kernel_grad_taps=mode == "taps"),
+                              optimizer, mesh)
+
+  logging.info("Compiling the train step with each kernel gradient, to time both...")
+  start = time.perf_counter()
+  local = config.train.batch_size // jax.process_count()
+  size, channels = config.data.image_size, config.data.channels
+  batch = build.global_batch({"image": np.zeros((local, size, size, channels), np.float32),
+                              "label": np.zeros(local, np.int32)}, mesh)
+  steps = {name: compile_train_step(config, model.clone(kernel_grad_taps=name == "taps"),
+                                    optimizer, mesh).lower(state, batch).compile()
+           for name in ("taps", "xla")}
+  scratch = jax.tree.map(jnp.copy, state)  # the steps donate (consume) their input state
+  seconds = {name: float("inf") for name in steps}
+  for _ in range(2):
+    for name, step in steps.items():
+      scratch, metrics = step(scratch, batch)  # warm-up
+      jax.block_until_ready(metrics)
+      tic = time.perf_counter()
+      for _ in range(_TIMED_STEPS):
+        scratch, metrics = step(scratch, batch)
+      jax.block_until_ready(metrics)
+      seconds[name] = min(seconds[name], (time.perf_counter() - tic) / _TIMED_STEPS)
+  del scratch
+  seconds = multihost.agreed(seconds)
+  choice = min(seconds, key=seconds.get)
+  if jax.process_index() == 0:
+    files.write_atomic(path, json.dumps({"kernel_gradient": choice,
+                                         "seconds_per_step": seconds}, indent=1))
+  logging.info("Kernel gradient: %s (train step %.3f s with conv.py's tap products, %.3f s "
+               "with XLA's; compiled and timed in %.0f s; saved in %s).", choice,
+               seconds["taps"], seconds["xla"], time.perf_counter() - start, path)
+  return steps[choice]
+
+
+def _saved_kernel_gradient(path) -> str:
+  """The choice compile_step_for_this_cpu saved, or "auto" (measure again) when there is
+  none or the file is unreadable: it is a measurement, nothing else depends on it."""
+  if not path.exists():
+    return "auto"
+  try:
+    choice = json.loads(path.read_text())["kernel_gradient"]
+    if choice in ("taps", "xla"):
+      return choice
+    error = f"kernel_gradient={choice!r}"
+  except (ValueError, KeyError, TypeError) as e:
+    error = f"{type(e).__name__}: {e}"
+  logging.warning("Ignoring %s (%s); timing the kernel gradients again.", path, error)
+  return "auto"
+
+
 class PreemptionFlag:
   """Set by SIGTERM (what TPU VMs, SLURM and Kubernetes send before preemption).
 
@@ -254,7 +327,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
     logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
   start = int(state.step)
 
-  step_fn = compile_train_step(config, model, optimizer, mesh)
+  step_fn = compile_step_for_this_cpu(config, model, optimizer, mesh, state, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)

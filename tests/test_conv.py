@@ -1,6 +1,7 @@
 """The convolution with a matrix-product kernel gradient computes what XLA's computes."""
 
-import flax.linen as nn
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,11 +41,12 @@ def test_value_and_gradients_equal_xla_convolution(image, kernel_shape, padding)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("channels, expected", [(C, 2), (C - 1, 3)])
-def test_kernel_gradient_is_matrix_products_on_cpu(channels, expected):
+@pytest.mark.parametrize("channels, taps, expected", [(C, True, 2), (C - 1, True, 3),
+                                                      (C, False, 3)])
+def test_kernel_gradient_is_matrix_products_on_cpu(channels, taps, expected):
   """On CPU the compiled gradient holds two convolutions (forward, input gradient), not
-  three: the kernel gradient is the taps' dot products. Below MIN_INPUT_CHANNELS it is
-  XLA's own."""
+  three: the kernel gradient is the taps' dot products. Below MIN_INPUT_CHANNELS, or with
+  ``taps=False``, it is XLA's own."""
   x, kernel = jnp.ones((2, 8, 8, channels)), jnp.ones((3, 3, channels, 6))
 
   def convolutions(conv_fn):
@@ -52,7 +54,7 @@ def test_kernel_gradient_is_matrix_products_on_cpu(channels, expected):
     return hlo.count(" convolution(")
 
   assert convolutions(lax.conv_general_dilated) == 3
-  assert convolutions(conv.conv_general_dilated) == expected
+  assert convolutions(functools.partial(conv.conv_general_dilated, taps=taps)) == expected
 
 
 def test_other_convolutions_are_passed_to_xla():
@@ -62,8 +64,9 @@ def test_other_convolutions_are_passed_to_xla():
       x, kernel, (2, 2), "SAME", dimension_numbers=NHWC))
 
 
-def test_unet_gradients_equal_those_with_flax_convolution(monkeypatch):
-  """The whole U-Net: same parameters, output and parameter gradients as with nn.Conv."""
+def test_unet_gradients_equal_those_with_xla_kernel_gradients():
+  """The whole U-Net: same parameters, output and parameter gradients with the taps as
+  with XLA's own kernel gradient (what flax's nn.Conv computes)."""
   from tests import tiny_config
   config = tiny_config.get_config()
   model = unet.UNet(num_classes=config.data.num_classes, ch=C, ch_mult=(1, 2),
@@ -76,15 +79,14 @@ def test_unet_gradients_equal_those_with_flax_convolution(monkeypatch):
   params = jax.tree.map(lambda p: rng.normal(0.0, 0.3, p.shape).astype(np.float32),
                         jax.eval_shape(model.init, jax.random.PRNGKey(0), z, logsnr, label))
 
-  def loss(p):
-    return jnp.sum(jnp.square(model.apply(p, z, logsnr, label)))
+  def value_and_grad(taps):
+    tuned = model.clone(kernel_grad_taps=taps)
+    loss = lambda p: jnp.sum(jnp.square(tuned.apply(p, z, logsnr, label)))
+    return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))
 
-  fast = jax.jit(jax.value_and_grad(loss))(params)
-  monkeypatch.setattr(unet, "Conv", nn.Conv)
-  plain = jax.jit(jax.value_and_grad(loss))(params)
+  fast, plain = value_and_grad(True), value_and_grad(False)
   np.testing.assert_allclose(fast[0], plain[0], rtol=1e-5)
   kernels = 0
-  fast, plain = jax.device_get((fast, plain))
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(fast[1]),
                                jax.tree.leaves(plain[1]), strict=True):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4, err_msg=str(path))

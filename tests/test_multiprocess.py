@@ -3,6 +3,7 @@ jax.distributed.initialize against a local coordinator, train and sample through
 CLI and must agree with one process driving 2 devices. (SIGTERM reaching one of two
 processes, which must both save the same step, is in tests/test_rehearsal.py.)"""
 
+import json
 import os
 
 import jax
@@ -25,11 +26,17 @@ def workdirs(synthetic_data, tmp_path_factory):
   """(single-process workdir, two-process workdir), each trained 6 steps then sampled."""
   common = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}"]
   single, multi = (str(tmp_path_factory.mktemp(name)) for name in ("single", "multi"))
-  for args in ([], SAMPLE_ARGS):
+  # The two processes choose their kernel gradient as "auto" does, from a saved choice
+  # that process 0 reads and shares (timing could choose another rounding than "taps").
+  with open(os.path.join(multi, "kernel_gradient.json"), "w") as f:
+    json.dump({"kernel_gradient": "taps"}, f)
+  for args, multi_args in (([], ["--config.train.kernel_gradient=auto"]), (SAMPLE_ARGS, [])):
     proc = run_cli(*common, f"--workdir={single}", "--config.runtime.cpu_devices=2", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    logs = run_cli_processes(2, *common, f"--workdir={multi}", *args,
+    logs = run_cli_processes(2, *common, f"--workdir={multi}", *args, *multi_args,
                              log_dir=str(tmp_path_factory.mktemp("logs")))
+    if not args:
+      assert "to time both" not in logs[0] and "Ignoring" not in logs[0]
   assert "2 process(es)" in logs[0]
   return single, multi
 

@@ -156,6 +156,8 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(synthetic_data, tmp_path):
     ("--config.train.batch_size=7", "must be divisible by the device count 2"),
     ("--config.data.image_size=10", "must be divisible by 4"),
     ("--config.train.bogus=1", "unknown config key"),
+    ("--config.train.kernel_gradient=fast",
+     "config.train.kernel_gradient='fast' is invalid: must be one of ('auto', 'taps', 'xla')"),
     ("--config.data.path=/nonexistent", "apt-get install dataset-fashion-mnist"),
     ("--config.data.image_size=16", "holds images of shape (8, 8, 1), but"),
     ("--config.data.num_classes=2", "has label 3, outside [0, config.data.num_classes=2)"),
@@ -236,6 +238,53 @@ def test_sigterm_saves_at_the_next_step_and_the_relaunch_continues(synthetic_dat
   assert relaunch.returncode == 0, relaunch.stderr[-3000:]
   assert f"from step {stopped}" in relaunch.stderr
   assert _final_state(workdir, stopped + 2, synthetic_data).step == stopped + 2
+
+
+def test_kernel_gradient_is_timed_once_per_workdir(synthetic_data, tmp_path, monkeypatch):
+  """"auto" compiles and times the step both ways, keeps the faster and saves the choice;
+  a resumed run reuses it without timing, unless it is unreadable; "taps" and "xla"
+  compile only their own step."""
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  config.data.path = synthetic_data
+  config.train.kernel_gradient = "auto"
+  mesh = build.make_mesh()
+  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
+  state = build.create_state(config, model, optimizer, mesh)
+  compiled_with = []  # kernel_grad_taps of every train step compiled
+  real_compile = train.compile_train_step
+
+  def spy(config, model, optimizer, mesh):
+    compiled_with.append(model.kernel_grad_taps)
+    return real_compile(config, model, optimizer, mesh)
+  monkeypatch.setattr(train, "compile_train_step", spy)
+
+  def choose():
+    compiled_with.clear()
+    return train.compile_step_for_this_cpu(config, model, optimizer, mesh, state, str(tmp_path))
+
+  step_fn = choose()
+  saved_path = tmp_path / "kernel_gradient.json"
+  saved = json.loads(saved_path.read_text())
+  assert compiled_with == [True, False]
+  seconds = saved["seconds_per_step"]
+  assert 0 < min(seconds.values()) and max(seconds.values()) < 10
+  assert saved["kernel_gradient"] == min(seconds, key=seconds.get)
+  batch = build.global_batch(train.make_batcher(config).batch(0), mesh)
+  new_state, metrics = step_fn(jax.tree.map(jnp.copy, state), batch)
+  assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+  for choice in ("taps", "xla"):  # resumed: the saved choice, nothing timed
+    saved_path.write_text(json.dumps(dict(saved, kernel_gradient=choice)))
+    choose()
+    assert compiled_with == [choice == "taps"]
+  for unreadable in ("{not json", '{"kernel_gradient": "fast"}', "[]"):  # timed again
+    saved_path.write_text(unreadable)
+    assert train._saved_kernel_gradient(saved_path) == "auto"
+  for mode, taps in (("taps", True), ("xla", False)):
+    config.train.kernel_gradient = mode
+    choose()
+    assert compiled_with == [taps]
 
 
 def test_bfloat16_compute_trains_with_float32_parameters(synthetic_data):

@@ -11,6 +11,11 @@ pixels, which XLA:CPU runs at matmul speed without the transposes.
 for ``flax.linen.Conv(conv_general_dilated=...)``: parameters, names and the forward
 result are unchanged. The forward pass and the input gradient stay XLA's own; on TPU
 and GPU (``lax.platform_dependent``) so does the kernel gradient.
+
+Which of the two kernel gradients makes the faster training step depends on the CPU (on
+an AMD Zen 3 the taps won on both networks in BENCHMARKS.md; on an Intel AVX-512 CPU they
+lose on the Fashion-MNIST default), so ``conv_general_dilated(taps=False)`` keeps XLA's
+and training (train.kernel_gradient="auto") times the step both ways.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
+Padding = tuple[tuple[int, int], ...]
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels each tap's product is nearly a matrix-vector product,
 # slower than XLA's kernel gradient (the first, 1-channel layer: 0.6 vs 0.3 ms at batch 8).
 MIN_INPUT_CHANNELS = 16
 
 
-def _native(x: Array, kernel: Array, padding: tuple[tuple[int, int], ...]) -> Array:
+def _native(x: Array, kernel: Array, padding: Padding) -> Array:
   return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
 
@@ -67,21 +73,41 @@ def _conv_fwd(x, kernel, padding):
   return _native(x, kernel, padding), (x, kernel)
 
 
+def xla_grads(x: Array, kernel: Array, dy: Array, padding: Padding) -> tuple[Array, Array]:
+  """(dx, dW) of a stride-1 NHWC convolution, both as XLA differentiates it."""
+  return jax.vjp(lambda x, k: _native(x, k, padding), x, kernel)[1](dy)
+
+
+def tap_grads(x: Array, kernel: Array, dy: Array, padding: Padding) -> tuple[Array, Array]:
+  """(dx, dW): the input gradient from XLA (as fast as the forward pass on CPU), the
+  kernel's by ``kernel_grad_by_taps``."""
+  _, input_vjp = jax.vjp(lambda x: _native(x, kernel, padding), x)
+  return input_vjp(dy)[0], kernel_grad_by_taps(x, dy, kernel.shape, padding)
+
+
 def _conv_bwd(padding, residuals, dy):
   x, kernel = residuals
-
-  def native_grads(x, kernel, dy):
-    return jax.vjp(lambda x, k: _native(x, k, padding), x, kernel)[1](dy)
-
-  def cpu_grads(x, kernel, dy):
-    # The input gradient from XLA (as fast as the forward pass on CPU), the kernel's by taps.
-    _, input_vjp = jax.vjp(lambda x: _native(x, kernel, padding), x)
-    return input_vjp(dy)[0], kernel_grad_by_taps(x, dy, kernel.shape, padding)
-
-  return lax.platform_dependent(x, kernel, dy, cpu=cpu_grads, default=native_grads)
+  return lax.platform_dependent(x, kernel, dy, cpu=functools.partial(tap_grads, padding=padding),
+                                default=functools.partial(xla_grads, padding=padding))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _takes_taps(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
+                window_strides: Sequence[int], lhs_dilation, rhs_dilation, dimension_numbers,
+                feature_group_count: int, batch_group_count: int, precision,
+                preferred_element_type) -> bool:
+  """Whether a convolution can take the taps path: 2-D, stride 1, undilated, ungrouped,
+  NHWC/HWIO, default precision, at least MIN_INPUT_CHANNELS input channels."""
+  ones = (1,) * (len(lhs_shape) - 2)
+  return (len(lhs_shape) == 4 and tuple(window_strides) == ones
+          and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
+          and len(rhs_shape) == 4 and rhs_shape[2] >= MIN_INPUT_CHANNELS
+          and feature_group_count == 1 and batch_group_count == 1 and precision is None
+          and preferred_element_type is None
+          and lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+          == lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC))
 
 
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
@@ -90,25 +116,20 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
                          rhs_dilation: Sequence[int] | None = None,
                          dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
-                         preferred_element_type=None) -> Array:
+                         preferred_element_type=None, *, taps: bool = True) -> Array:
   """``lax.conv_general_dilated`` with the kernel gradient of ``kernel_grad_by_taps``.
 
   Only 2-D, stride-1, undilated, ungrouped NHWC/HWIO convolutions with at least
-  MIN_INPUT_CHANNELS input channels take the new path (all of the U-Net's but the first);
-  anything else is passed to ``lax.conv_general_dilated`` unchanged.
+  MIN_INPUT_CHANNELS input channels take the new path (all of the U-Net's but the
+  first), unless ``taps`` is False; anything else is passed to
+  ``lax.conv_general_dilated`` unchanged.
   """
-  ones = (1,) * (lhs.ndim - 2)
-  simple = (lhs.ndim == 4 and tuple(window_strides) == ones
-            and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
-            and rhs.ndim == 4 and rhs.shape[2] >= MIN_INPUT_CHANNELS
-            and feature_group_count == 1 and batch_group_count == 1 and precision is None
-            and preferred_element_type is None
-            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-  if not simple:
+  if not taps or not _takes_taps(lhs.shape, rhs.shape, window_strides, lhs_dilation,
+                                 rhs_dilation, dimension_numbers, feature_group_count,
+                                 batch_group_count, precision, preferred_element_type):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type)
   if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], ones, padding)
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   return _conv(lhs, rhs, tuple((int(lo), int(hi)) for lo, hi in padding))

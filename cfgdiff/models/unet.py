@@ -21,8 +21,11 @@ Array = jnp.ndarray
 
 # Output layers start at zero so every residual branch is the identity at init (ADM).
 _zeros = nn.initializers.zeros
-# flax's Conv (same parameters and names) with the CPU-fast kernel gradient of conv.py.
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv.conv_general_dilated)
+def conv_layer(features: int, kernel_size: tuple[int, int], taps: bool, **kwargs) -> nn.Conv:
+  """flax's Conv (same parameters and names); with ``taps``, conv.py's kernel gradient
+  by tap products on CPU instead of XLA's own."""
+  return nn.Conv(features, kernel_size, conv_general_dilated=functools.partial(
+      conv.conv_general_dilated, taps=taps), **kwargs)
 
 
 def logsnr_embedding(logsnr: Array, dim: int, max_period: float = 10000.0) -> Array:
@@ -84,6 +87,7 @@ class ResBlock(nn.Module):
   dropout: float = 0.0
   resample: str | None = None  # None, "up" or "down"
   dtype: jnp.dtype = jnp.float32
+  kernel_grad_taps: bool = True  # see UNet
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, train: bool) -> Array:
@@ -91,16 +95,17 @@ class ResBlock(nn.Module):
     h = nn.swish(GroupNorm(_num_groups(in_ch), dtype=self.dtype)(x))
     if self.resample is not None:
       h, x = _resample(h, self.resample), _resample(x, self.resample)
-    h = Conv(self.out_ch, (3, 3), dtype=self.dtype)(h)
+    h = conv_layer(self.out_ch, (3, 3), self.kernel_grad_taps, dtype=self.dtype)(h)
 
     scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype)(nn.swish(emb))
     scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
     h = GroupNorm(_num_groups(self.out_ch), dtype=self.dtype)(h) * (1.0 + scale) + shift
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
-    h = Conv(self.out_ch, (3, 3), kernel_init=_zeros, dtype=self.dtype)(h)
+    h = conv_layer(self.out_ch, (3, 3), self.kernel_grad_taps, kernel_init=_zeros,
+                   dtype=self.dtype)(h)
 
     if in_ch != self.out_ch:
-      x = Conv(self.out_ch, (1, 1), dtype=self.dtype)(x)
+      x = conv_layer(self.out_ch, (1, 1), self.kernel_grad_taps, dtype=self.dtype)(x)
     return x + h
 
 
@@ -142,6 +147,9 @@ class UNet(nn.Module):
       (in pixels) that get self-attention. head_channels: channels per attention head
       (ADM's num_head_channels); num_heads is used when head_channels is 0.
     dropout: dropout rate inside residual blocks. dtype: compute dtype (params stay f32).
+    kernel_grad_taps: the convolutions' kernel gradient on CPU is conv.py's tap
+      products (True) or XLA's own (False): the same function and parameters, a speed
+      choice that depends on the CPU (train.kernel_gradient).
   """
 
   num_classes: int
@@ -153,6 +161,7 @@ class UNet(nn.Module):
   num_heads: int = 4
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  kernel_grad_taps: bool = True
 
   def _heads(self, channels: int) -> int:
     return channels // self.head_channels if self.head_channels else self.num_heads
@@ -167,14 +176,15 @@ class UNet(nn.Module):
         emb.dtype)
 
     def block(h: Array, out_ch: int, resample: str | None = None) -> Array:
-      return ResBlock(out_ch, self.dropout, resample, self.dtype)(h, emb, train)
+      return ResBlock(out_ch, self.dropout, resample, self.dtype,
+                      self.kernel_grad_taps)(h, emb, train)
 
     def maybe_attend(h: Array) -> Array:
       if h.shape[1] in self.attn_resolutions:
         h = AttentionBlock(self._heads(h.shape[-1]), self.dtype)(h)
       return h
 
-    h = Conv(self.ch, (3, 3), dtype=self.dtype)(z.astype(self.dtype))
+    h = conv_layer(self.ch, (3, 3), self.kernel_grad_taps, dtype=self.dtype)(z.astype(self.dtype))
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
@@ -196,5 +206,6 @@ class UNet(nn.Module):
     assert not skips
 
     h = nn.swish(GroupNorm(_num_groups(h.shape[-1]), dtype=self.dtype)(h))
-    out = Conv(z.shape[-1], (3, 3), kernel_init=_zeros, dtype=self.dtype)(h)
+    out = conv_layer(z.shape[-1], (3, 3), self.kernel_grad_taps, kernel_init=_zeros,
+               dtype=self.dtype)(h)
     return out.astype(jnp.float32)
