@@ -59,6 +59,24 @@ def initial_params(config) -> dict:
       jnp.zeros(1, jnp.int32))["params"]
 
 
+def train_setup(config) -> tuple:
+  """(mesh, model, optimizer, fresh TrainState, a random global batch) for ``config``'s
+  training at config.train.batch_size, over every device: what a benchmark of the
+  training step starts from."""
+  import numpy as np
+
+  from cfgdiff import build
+  mesh = build.make_mesh()
+  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
+  state = build.create_state(config, model, optimizer, mesh)
+  rng = np.random.default_rng(0)
+  batch, size, channels = config.train.batch_size, config.data.image_size, config.data.channels
+  images = build.global_batch({
+      "image": rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32),
+      "label": rng.integers(0, config.data.num_classes, batch).astype(np.int32)}, mesh)
+  return mesh, model, optimizer, state, images
+
+
 def run_variant(module: str, variant: dict, devices: int, extra_xla_flags: str = "") -> dict:
   """Runs ``python -m module --worker JSON`` with ``devices`` CPU devices; returns its JSON."""
   env = dict(os.environ)

@@ -37,18 +37,12 @@ def worker(variant: dict) -> dict:
   import numpy as np
 
   from benchmarks.vs_torch import _config
-  from cfgdiff import build, diffusion, train
+  from cfgdiff import diffusion, train
 
   config = _config(variant["model"])
-  batch = config.train.batch_size = variant["batch"]
-  dc, size = config.diffusion, config.data.image_size
-  mesh = build.make_mesh()
-  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
-  state = build.create_state(config, model, optimizer, mesh)
-  rng = np.random.default_rng(0)
-  images = build.global_batch({
-      "image": rng.uniform(-1, 1, (batch, size, size, config.data.channels)).astype(np.float32),
-      "label": rng.integers(0, config.data.num_classes, batch).astype(np.int32)}, mesh)
+  config.train.batch_size = variant["batch"]
+  dc = config.diffusion
+  mesh, model, optimizer, state, images = common.train_setup(config)
 
   def loss(params, batch):
     noised = diffusion.noise_batch(

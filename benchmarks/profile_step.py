@@ -61,18 +61,11 @@ def profile(model_name: str, batch: int, steps: int) -> tuple[float, dict[str, f
   import numpy as np
 
   from benchmarks.vs_torch import _config
-  from cfgdiff import build, train
+  from cfgdiff import train
   config = _config(model_name)
   config.train.batch_size = batch
-  mesh = build.make_mesh()
-  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
-  state = build.create_state(config, model, optimizer, mesh)
+  mesh, model, optimizer, state, global_batch = common.train_setup(config)
   step = train.compile_train_step(config, model, optimizer, mesh)
-  rng = np.random.default_rng(0)
-  size, channels = config.data.image_size, config.data.channels
-  global_batch = build.global_batch(
-      {"image": rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32),
-       "label": rng.integers(0, config.data.num_classes, batch).astype(np.int32)}, mesh)
 
   def run():
     nonlocal state

@@ -46,19 +46,14 @@ def jax_worker(variant: dict) -> dict:
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from cfgdiff import build, guidance, train
+  from cfgdiff import guidance, train
 
   config = _config(variant["model"])
   batch, size = config.train.batch_size, config.data.image_size
-  mesh = build.make_mesh()
-  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
-  state = build.create_state(config, model, optimizer, mesh)
+  mesh, model, optimizer, state, images = common.train_setup(config)
   state = state.replace(params=jax.device_put(common.initial_params(config), jax.tree.map(
       lambda x: x.sharding, state.params)))
-  rng = np.random.default_rng(0)
-  images = build.global_batch({
-      "image": rng.uniform(-1, 1, (batch, size, size, 1)).astype(np.float32),
-      "label": rng.integers(0, 10, batch).astype(np.int32)}, mesh)
+  rng = np.random.default_rng(1)
   steps = {name: train.compile_train_step(config, model.clone(kernel_grad_taps=taps), optimizer,
                                          mesh).lower(state, images).compile()
            for name, taps in (("train_taps", True), ("train_xla_conv", False))}
