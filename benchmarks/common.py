@@ -59,7 +59,7 @@ def initial_params(config) -> dict:
       jnp.zeros(1, jnp.int32))["params"]
 
 
-def train_setup(config) -> tuple:
+def train_setup(config) -> tuple:  # (Mesh, UNet, optax transform, TrainState, dict)
   """(mesh, model, optimizer, fresh TrainState, a random global batch) for ``config``'s
   training at config.train.batch_size, over every device: what a benchmark of the
   training step starts from."""

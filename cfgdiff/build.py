@@ -36,6 +36,8 @@ class TrainState:
 
 
 def make_model(config: ml_collections.ConfigDict) -> UNet:
+  # "auto" builds with conv.py's taps; training may switch to XLA's kernel gradient after
+  # timing both (train.compile_train_step_for_backend). Only gradients differ.
   m = config.model
   return UNet(num_classes=config.data.num_classes, ch=m.ch, ch_mult=tuple(m.ch_mult),
               num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),

@@ -71,10 +71,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 500
   config.train.keep_checkpoints = 3
   config.train.log_every_steps = 50
-  # The convolutions' kernel gradient on CPU (the same values either way; TPU and GPU
-  # always use XLA's): "auto" times cfgdiff/models/conv.py's tap products against XLA's own
-  # for each layer before training and keeps the faster, since which wins depends on the
-  # CPU; "taps" or "xla" for every layer.
+  # The convolutions' kernel gradient on CPU (the same function either way, up to float
+  # rounding; TPU and GPU always use XLA's): "auto" compiles the train step with
+  # cfgdiff/models/conv.py's tap products and with XLA's own, times both and keeps the
+  # faster, since which wins depends on the CPU; "taps" or "xla" to choose.
   config.train.kernel_gradient = "auto"
 
   # Sampling (--mode=sample): the same seeds for every w, images in WORKDIR/samples/.

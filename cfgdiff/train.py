@@ -163,39 +163,64 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 _KERNEL_GRADIENT_FILE = "kernel_gradient.json"
+_TIMED = ("taps", "xla")  # the kernel gradients "auto" chooses between
 _TIMED_STEPS = 5  # per variant and round; two rounds, alternating
 
 
-def compile_step_for_this_cpu(config: ml_collections.ConfigDict, model: UNet,
-                              optimizer: optax.GradientTransformation, mesh: Mesh,
-                              state: build.TrainState, workdir: str) -> Callable:
-  """The train step, with the kernel gradient that train.kernel_gradient asks for.
+def compile_train_step_for_backend(config: ml_collections.ConfigDict, model: UNet,
+                                   optimizer: optax.GradientTransformation, mesh: Mesh,
+                                   state: build.TrainState, workdir: str) -> Callable:
+  """The train step, with the convolution kernel gradient train.kernel_gradient asks for.
 
   "auto" on CPU compiles the step with conv.py's tap products and with XLA's own kernel
-  gradient, times a few steps of each on a copy of ``state`` and keeps the faster (which
-  one wins depends on the CPU: BENCHMARKS.md). Process 0's timing decides for every
-  process. The choice goes to WORKDIR/kernel_gradient.json and a resumed run reuses it, so
-  it computes what an uninterrupted one would; only speed and float rounding differ.
+  gradient, times two alternating rounds of _TIMED_STEPS steps of each on a copy of
+  ``state`` and keeps the faster (which wins depends on the CPU: BENCHMARKS.md). Process
+  0's timing decides for every process. On CPU the kernel gradient in use is written to
+  WORKDIR/kernel_gradient.json, and "auto" reuses it on resume, so a resumed run computes
+  what an uninterrupted one would (a checkpoint without the file, from before the file
+  existed, keeps the taps those versions used). On TPU and GPU it is XLA's, untimed.
   """
   mode = config.train.kernel_gradient
-  path = files.path(workdir) / _KERNEL_GRADIENT_FILE
-  if mode == "auto" and jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu":
     mode = "xla"  # the taps exist on CPU only (conv.py)
-  if mode == "auto":  # process 0 reads the saved choice for all ("auto" if there is none)
-    mode = multihost.agreed(_saved_kernel_gradient(path) if jax.process_index() == 0 else None)
-  if mode != "auto":
-    return compile_train_step(config, model.clone(kernel_grad_taps=mode == "taps"),
-                              optimizer, mesh)
+  path = files.path(workdir) / _KERNEL_GRADIENT_FILE
+  seconds, saved = None, None
+  if mode == "auto":  # process 0 reads the saved choice for all
+    saved = multihost.agreed(_saved_kernel_gradient(path) if jax.process_index() == 0 else None)
+    mode = saved
+    if mode == "auto" and int(state.step) > 0:
+      mode = "taps"  # a checkpoint from a version without the file (or a finished run)
+      logging.info("Kernel gradient: taps, which %s's checkpoint was trained with.", workdir)
+    elif mode != "auto":
+      logging.info("Kernel gradient: %s, as saved in %s.", mode, path)
 
-  logging.info("Compiling the train step with each kernel gradient, to time both...")
-  start = time.perf_counter()
-  local = config.train.batch_size // jax.process_count()
-  size, channels = config.data.image_size, config.data.channels
-  batch = build.global_batch({"image": np.zeros((local, size, size, channels), np.float32),
-                              "label": np.zeros(local, np.int32)}, mesh)
-  steps = {name: compile_train_step(config, model.clone(kernel_grad_taps=name == "taps"),
-                                    optimizer, mesh).lower(state, batch).compile()
-           for name in ("taps", "xla")}
+  if mode == "auto":
+    logging.info("Compiling the train step with each kernel gradient, to time both...")
+    start = time.perf_counter()
+    local = config.train.batch_size // jax.process_count()
+    size, channels = config.data.image_size, config.data.channels
+    batch = build.global_batch({"image": np.zeros((local, size, size, channels), np.float32),
+                                "label": np.zeros(local, np.int32)}, mesh)
+    steps = {name: compile_train_step(config, model.clone(kernel_grad_taps=name == "taps"),
+                                      optimizer, mesh).lower(state, batch).compile()
+             for name in _TIMED}
+    seconds = multihost.agreed(_time_steps(steps, state, batch))
+    mode = min(seconds, key=seconds.get)
+    logging.info("Kernel gradient: %s (train step %.3f s with conv.py's tap products, %.3f s "
+                 "with XLA's; compiled and timed in %.0f s).", mode, seconds["taps"],
+                 seconds["xla"], time.perf_counter() - start)
+    step_fn = steps[mode]
+  else:
+    step_fn = compile_train_step(config, model.clone(kernel_grad_taps=mode == "taps"),
+                                 optimizer, mesh)
+  if jax.default_backend() == "cpu" and mode != saved:
+    _save_kernel_gradient(path, mode, seconds)
+  return step_fn
+
+
+def _time_steps(steps: dict[str, Callable], state: build.TrainState,
+                batch: dict[str, Array]) -> dict[str, float]:
+  """Best seconds per step of each compiled step, two alternating rounds on a copy of state."""
   scratch = jax.tree.map(jnp.copy, state)  # the steps donate (consume) their input state
   seconds = {name: float("inf") for name in steps}
   for _ in range(2):
@@ -207,32 +232,34 @@ def compile_step_for_this_cpu(config: ml_collections.ConfigDict, model: UNet,
         scratch, metrics = step(scratch, batch)
       jax.block_until_ready(metrics)
       seconds[name] = min(seconds[name], (time.perf_counter() - tic) / _TIMED_STEPS)
-  del scratch
-  seconds = multihost.agreed(seconds)
-  choice = min(seconds, key=seconds.get)
-  if jax.process_index() == 0:
-    files.write_atomic(path, json.dumps({"kernel_gradient": choice,
-                                         "seconds_per_step": seconds}, indent=1))
-  logging.info("Kernel gradient: %s (train step %.3f s with conv.py's tap products, %.3f s "
-               "with XLA's; compiled and timed in %.0f s; saved in %s).", choice,
-               seconds["taps"], seconds["xla"], time.perf_counter() - start, path)
-  return steps[choice]
+  return seconds
 
 
 def _saved_kernel_gradient(path) -> str:
-  """The choice compile_step_for_this_cpu saved, or "auto" (measure again) when there is
-  none or the file is unreadable: it is a measurement, nothing else depends on it."""
-  if not path.exists():
-    return "auto"
+  """The kernel gradient saved in ``path``, or "auto" (time again) when there is none or
+  it is unreadable: the file is a measurement, nothing else depends on it."""
   try:
+    if not path.exists():
+      return "auto"
     choice = json.loads(path.read_text())["kernel_gradient"]
-    if choice in ("taps", "xla"):
+    if choice in _TIMED:
       return choice
     error = f"kernel_gradient={choice!r}"
-  except (ValueError, KeyError, TypeError) as e:
+  except (OSError, ValueError, KeyError, TypeError) as e:
     error = f"{type(e).__name__}: {e}"
   logging.warning("Ignoring %s (%s); timing the kernel gradients again.", path, error)
   return "auto"
+
+
+def _save_kernel_gradient(path, choice: str, seconds: dict[str, float] | None) -> None:
+  """Process 0 records the kernel gradient in use; a failed write only costs a re-timing."""
+  if jax.process_index() != 0:
+    return
+  try:
+    files.write_atomic(path, json.dumps({"kernel_gradient": choice,
+                                         "seconds_per_step": seconds}, indent=2))
+  except OSError as error:
+    logging.warning("Could not write %s (%s); a resumed run will time again.", path, error)
 
 
 class PreemptionFlag:
@@ -327,7 +354,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
     logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
   start = int(state.step)
 
-  step_fn = compile_step_for_this_cpu(config, model, optimizer, mesh, state, workdir)
+  step_fn = compile_train_step_for_backend(config, model, optimizer, mesh, state, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)

@@ -36,7 +36,7 @@ def workdirs(synthetic_data, tmp_path_factory):
     logs = run_cli_processes(2, *common, f"--workdir={multi}", *args, *multi_args,
                              log_dir=str(tmp_path_factory.mktemp("logs")))
     if not args:
-      assert "to time both" not in logs[0] and "Ignoring" not in logs[0]
+      assert "Kernel gradient: taps, as saved in" in logs[0] and "to time both" not in logs[0]
   assert "2 process(es)" in logs[0]
   return single, multi
 

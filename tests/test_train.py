@@ -7,6 +7,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -242,8 +243,8 @@ def test_sigterm_saves_at_the_next_step_and_the_relaunch_continues(synthetic_dat
 
 def test_kernel_gradient_is_timed_once_per_workdir(synthetic_data, tmp_path, monkeypatch):
   """"auto" compiles and times the step both ways, keeps the faster and saves the choice;
-  a resumed run reuses it without timing, unless it is unreadable; "taps" and "xla"
-  compile only their own step."""
+  a resumed run reuses it without timing; a checkpoint without a saved choice keeps the
+  taps; "taps" and "xla" compile only their own step and record it."""
   from tests import tiny_config
   config = tiny_config.get_config()
   config.data.path = synthetic_data
@@ -251,40 +252,61 @@ def test_kernel_gradient_is_timed_once_per_workdir(synthetic_data, tmp_path, mon
   mesh = build.make_mesh()
   model, optimizer = build.make_model(config), build.make_optimizer(config.train)
   state = build.create_state(config, model, optimizer, mesh)
-  compiled_with = []  # kernel_grad_taps of every train step compiled
   real_compile = train.compile_train_step
+  compiled_with, executables = [], {}  # kernel_grad_taps of every step built; AOT-compiled
+
+  class Recorder:
+    def __init__(self, jitted, taps):
+      self.jitted, self.taps = jitted, taps
+
+    def lower(self, *args):
+      lowered = self.jitted.lower(*args)
+      return types.SimpleNamespace(
+          compile=lambda: executables.setdefault(self.taps, lowered.compile()))
 
   def spy(config, model, optimizer, mesh):
     compiled_with.append(model.kernel_grad_taps)
-    return real_compile(config, model, optimizer, mesh)
+    return Recorder(real_compile(config, model, optimizer, mesh), model.kernel_grad_taps)
   monkeypatch.setattr(train, "compile_train_step", spy)
+  saved_path = tmp_path / "kernel_gradient.json"
 
-  def choose():
+  def choose(state=state):
     compiled_with.clear()
-    return train.compile_step_for_this_cpu(config, model, optimizer, mesh, state, str(tmp_path))
+    return train.compile_train_step_for_backend(config, model, optimizer, mesh, state,
+                                                str(tmp_path))
 
   step_fn = choose()
-  saved_path = tmp_path / "kernel_gradient.json"
   saved = json.loads(saved_path.read_text())
   assert compiled_with == [True, False]
   seconds = saved["seconds_per_step"]
-  assert 0 < min(seconds.values()) and max(seconds.values()) < 10
+  assert set(seconds) == {"taps", "xla"} and 0 < min(seconds.values()) < max(seconds.values())
   assert saved["kernel_gradient"] == min(seconds, key=seconds.get)
+  assert step_fn is executables[saved["kernel_gradient"] == "taps"]  # the faster one runs
+  # The two executables differ: the taps turn kernel-gradient convolutions into products.
+  assert (executables[True].as_text().count(" convolution(")
+          < executables[False].as_text().count(" convolution("))
   batch = build.global_batch(train.make_batcher(config).batch(0), mesh)
   new_state, metrics = step_fn(jax.tree.map(jnp.copy, state), batch)
   assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
-  for choice in ("taps", "xla"):  # resumed: the saved choice, nothing timed
+  for choice in ("taps", "xla"):  # resumed: the saved choice, nothing timed or rewritten
     saved_path.write_text(json.dumps(dict(saved, kernel_gradient=choice)))
     choose()
     assert compiled_with == [choice == "taps"]
+    assert json.loads(saved_path.read_text())["seconds_per_step"] == seconds
   for unreadable in ("{not json", '{"kernel_gradient": "fast"}', "[]"):  # timed again
     saved_path.write_text(unreadable)
     assert train._saved_kernel_gradient(saved_path) == "auto"
-  for mode, taps in (("taps", True), ("xla", False)):
+  saved_path.unlink()  # a checkpoint from before the file existed: the taps it used
+  choose(state.replace(step=state.step + 3))
+  assert compiled_with == [True]
+  assert json.loads(saved_path.read_text())["kernel_gradient"] == "taps"
+  for mode, taps in (("xla", False), ("taps", True)):
     config.train.kernel_gradient = mode
     choose()
     assert compiled_with == [taps]
+    assert json.loads(saved_path.read_text()) == {"kernel_gradient": mode,
+                                                  "seconds_per_step": None}
 
 
 def test_bfloat16_compute_trains_with_float32_parameters(synthetic_data):

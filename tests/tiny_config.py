@@ -21,7 +21,7 @@ def get_config():
   config.train.checkpoint_every_steps = 3
   config.train.log_every_steps = 2
   # Fixed, so that runs compared bit for bit make the same choice ("auto" times the
-  # layers, and tiny layers time within noise of each other): "auto" has its own tests.
+  # step both ways, and a tiny step times within noise of itself): "auto" has its own tests.
   config.train.kernel_gradient = "taps"
   config.runtime.cpu_devices = 1
   return config

@@ -74,13 +74,15 @@ def _conv_fwd(x, kernel, padding):
 
 
 def xla_grads(x: Array, kernel: Array, dy: Array, padding: Padding) -> tuple[Array, Array]:
-  """(dx, dW) of a stride-1 NHWC convolution, both as XLA differentiates it."""
+  """(dx [B, H, W, C_in], dW [kh, kw, C_in, C_out]) of a stride-1 NHWC convolution of x
+  [B, H, W, C_in] with kernel [kh, kw, C_in, C_out], given its output gradient dy
+  [B, H', W', C_out]: both as XLA differentiates it."""
   return jax.vjp(lambda x, k: _native(x, k, padding), x, kernel)[1](dy)
 
 
 def tap_grads(x: Array, kernel: Array, dy: Array, padding: Padding) -> tuple[Array, Array]:
-  """(dx, dW): the input gradient from XLA (as fast as the forward pass on CPU), the
-  kernel's by ``kernel_grad_by_taps``."""
+  """``xla_grads``' (dx, dW), shapes alike: the input gradient from XLA (as fast as the
+  forward pass on CPU), the kernel's by ``kernel_grad_by_taps``."""
   _, input_vjp = jax.vjp(lambda x: _native(x, kernel, padding), x)
   return input_vjp(dy)[0], kernel_grad_by_taps(x, dy, kernel.shape, padding)
 
@@ -95,7 +97,8 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _takes_taps(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
-                window_strides: Sequence[int], lhs_dilation, rhs_dilation, dimension_numbers,
+                window_strides: Sequence[int], lhs_dilation: Sequence[int] | None,
+                rhs_dilation: Sequence[int] | None, dimension_numbers,
                 feature_group_count: int, batch_group_count: int, precision,
                 preferred_element_type) -> bool:
   """Whether a convolution can take the taps path: 2-D, stride 1, undilated, ungrouped,

@@ -21,6 +21,8 @@ Array = jnp.ndarray
 
 # Output layers start at zero so every residual branch is the identity at init (ADM).
 _zeros = nn.initializers.zeros
+
+
 def conv_layer(features: int, kernel_size: tuple[int, int], taps: bool, **kwargs) -> nn.Conv:
   """flax's Conv (same parameters and names); with ``taps``, conv.py's kernel gradient
   by tap products on CPU instead of XLA's own."""
@@ -207,5 +209,5 @@ class UNet(nn.Module):
 
     h = nn.swish(GroupNorm(_num_groups(h.shape[-1]), dtype=self.dtype)(h))
     out = conv_layer(z.shape[-1], (3, 3), self.kernel_grad_taps, kernel_init=_zeros,
-               dtype=self.dtype)(h)
+                     dtype=self.dtype)(h)
     return out.astype(jnp.float32)
