@@ -36,14 +36,11 @@ class TrainState:
 
 
 def make_model(config: ml_collections.ConfigDict) -> UNet:
-  # "auto" builds with conv.py's taps; training may switch to XLA's kernel gradient after
-  # timing both (train.compile_train_step_for_backend). Only gradients differ.
   m = config.model
   return UNet(num_classes=config.data.num_classes, ch=m.ch, ch_mult=tuple(m.ch_mult),
               num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
               head_channels=m.head_channels, num_heads=m.num_heads, dropout=m.dropout,
-              dtype=jnp.dtype(m.dtype),
-              kernel_grad_taps=config.train.kernel_gradient != "xla")
+              dtype=jnp.dtype(m.dtype))
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -28,14 +28,13 @@ import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
-Padding = tuple[tuple[int, int], ...]
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels each tap's product is nearly a matrix-vector product,
 # slower than XLA's kernel gradient (the first, 1-channel layer: 0.6 vs 0.3 ms at batch 8).
 MIN_INPUT_CHANNELS = 16
 
 
-def _native(x: Array, kernel: Array, padding: Padding) -> Array:
+def _native(x: Array, kernel: Array, padding: tuple[tuple[int, int], ...]) -> Array:
   return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
 
@@ -73,44 +72,21 @@ def _conv_fwd(x, kernel, padding):
   return _native(x, kernel, padding), (x, kernel)
 
 
-def xla_grads(x: Array, kernel: Array, dy: Array, padding: Padding) -> tuple[Array, Array]:
-  """(dx [B, H, W, C_in], dW [kh, kw, C_in, C_out]) of a stride-1 NHWC convolution of x
-  [B, H, W, C_in] with kernel [kh, kw, C_in, C_out], given its output gradient dy
-  [B, H', W', C_out]: both as XLA differentiates it."""
-  return jax.vjp(lambda x, k: _native(x, k, padding), x, kernel)[1](dy)
-
-
-def tap_grads(x: Array, kernel: Array, dy: Array, padding: Padding) -> tuple[Array, Array]:
-  """``xla_grads``' (dx, dW), shapes alike: the input gradient from XLA (as fast as the
-  forward pass on CPU), the kernel's by ``kernel_grad_by_taps``."""
-  _, input_vjp = jax.vjp(lambda x: _native(x, kernel, padding), x)
-  return input_vjp(dy)[0], kernel_grad_by_taps(x, dy, kernel.shape, padding)
-
-
 def _conv_bwd(padding, residuals, dy):
   x, kernel = residuals
-  return lax.platform_dependent(x, kernel, dy, cpu=functools.partial(tap_grads, padding=padding),
-                                default=functools.partial(xla_grads, padding=padding))
+
+  def native_grads(x, kernel, dy):
+    return jax.vjp(lambda x, k: _native(x, k, padding), x, kernel)[1](dy)
+
+  def cpu_grads(x, kernel, dy):
+    # The input gradient from XLA (as fast as the forward pass on CPU), the kernel's by taps.
+    _, input_vjp = jax.vjp(lambda x: _native(x, kernel, padding), x)
+    return input_vjp(dy)[0], kernel_grad_by_taps(x, dy, kernel.shape, padding)
+
+  return lax.platform_dependent(x, kernel, dy, cpu=cpu_grads, default=native_grads)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-def _takes_taps(lhs_shape: Sequence[int], rhs_shape: Sequence[int],
-                window_strides: Sequence[int], lhs_dilation: Sequence[int] | None,
-                rhs_dilation: Sequence[int] | None, dimension_numbers,
-                feature_group_count: int, batch_group_count: int, precision,
-                preferred_element_type) -> bool:
-  """Whether a convolution can take the taps path: 2-D, stride 1, undilated, ungrouped,
-  NHWC/HWIO, default precision, at least MIN_INPUT_CHANNELS input channels."""
-  ones = (1,) * (len(lhs_shape) - 2)
-  return (len(lhs_shape) == 4 and tuple(window_strides) == ones
-          and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
-          and len(rhs_shape) == 4 and rhs_shape[2] >= MIN_INPUT_CHANNELS
-          and feature_group_count == 1 and batch_group_count == 1 and precision is None
-          and preferred_element_type is None
-          and lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
-          == lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC))
 
 
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
@@ -127,12 +103,18 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
   first), unless ``taps`` is False; anything else is passed to
   ``lax.conv_general_dilated`` unchanged.
   """
-  if not taps or not _takes_taps(lhs.shape, rhs.shape, window_strides, lhs_dilation,
-                                 rhs_dilation, dimension_numbers, feature_group_count,
-                                 batch_group_count, precision, preferred_element_type):
+  ones = (1,) * (lhs.ndim - 2)
+  simple = (taps and lhs.ndim == 4 and tuple(window_strides) == ones
+            and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
+            and rhs.ndim == 4 and rhs.shape[2] >= MIN_INPUT_CHANNELS
+            and feature_group_count == 1 and batch_group_count == 1 and precision is None
+            and preferred_element_type is None
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  if not simple:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type)
   if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], ones, padding)
   return _conv(lhs, rhs, tuple((int(lo), int(hi)) for lo, hi in padding))
