@@ -5,7 +5,8 @@
 
 The config is validated before JAX compiles anything; bad values exit with one line
 naming the key. On a CPU-only host each core becomes its own XLA device, which must be
-decided before JAX is imported, so this module imports JAX lazily.
+decided before JAX is imported, so this module imports JAX lazily. On such hosts the
+command first re-executes itself under jemalloc when it is installed (cfgdiff/allocator.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cfgdiff import configs
+from cfgdiff import allocator, configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -111,8 +112,9 @@ def main(argv: list[str]) -> None:
                         os.environ.get("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     configs.validate(config, jax.device_count(), jax.local_device_count())
-    logging.info("JAX %s on %d %s device(s), %d process(es).", jax.__version__,
-                 jax.device_count(), jax.default_backend(), jax.process_count())
+    logging.info("JAX %s on %d %s device(s), %d process(es); memory allocator: %s.",
+                 jax.__version__, jax.device_count(), jax.default_backend(),
+                 jax.process_count(), allocator.in_use())
 
     # pylint: disable-next=g-import-not-at-top
     from cfgdiff import checkpoint, data, sampling, sweep, train, workdir_lock
@@ -133,6 +135,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+  allocator.reexec_with_jemalloc()  # once, before JAX's threads exist
   app.run(main, flags_parser=_parse_flags)
 
 

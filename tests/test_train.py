@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfgdiff import build, checkpoint, train
+from cfgdiff import allocator, build, checkpoint, train
 from tests.conftest import ROOT, TINY_CONFIG, run_cli
 
 
@@ -131,12 +131,20 @@ def _final_state(workdir: str, step: int, data_dir: str) -> build.TrainState:
 
 
 def test_resume_is_bitwise_equal_to_uninterrupted_run(synthetic_data, tmp_path):
+  """Also: the uninterrupted run uses the C library's malloc and the split one jemalloc,
+  preloaded by cfgdiff.main's re-execution (the allocator changes speed, never results)."""
   common = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
             "--config.runtime.cpu_devices=2"]
   whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-  for workdir, steps in ((whole, 6), (split, 3), (split, 6)):
-    proc = run_cli(*common, f"--workdir={workdir}", f"--config.train.num_steps={steps}")
+  glibc = {"LD_PRELOAD": "", "CFGDIFF_MALLOC": "system"}
+  jemalloc = {"LD_PRELOAD": "", "CFGDIFF_MALLOC": ""}  # as a fresh shell: re-executes
+  for workdir, steps, env in ((whole, 6, glibc), (split, 3, jemalloc), (split, 6, jemalloc)):
+    proc = run_cli(*common, f"--workdir={workdir}", f"--config.train.num_steps={steps}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = ("the C library's malloc (CFGDIFF_MALLOC=system)" if env is glibc
+                else "jemalloc (MALLOC_CONF=" if allocator.find_jemalloc()
+                else allocator.INSTALL_HINT)
+    assert f"memory allocator: {expected}" in proc.stderr
   assert "Resumed from" in proc.stderr
   a, b = _final_state(whole, 6, synthetic_data), _final_state(split, 6, synthetic_data)
   leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
