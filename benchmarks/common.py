@@ -77,11 +77,26 @@ def train_setup(config) -> tuple:  # (Mesh, UNet, optax transform, TrainState, d
   return mesh, model, optimizer, state, images
 
 
-def run_variant(module: str, variant: dict, devices: int, extra_xla_flags: str = "") -> dict:
-  """Runs ``python -m module --worker JSON`` with ``devices`` CPU devices; returns its JSON."""
+def worker_env(devices: int, extra_xla_flags: str = "", malloc: str = "jemalloc") -> dict:
+  """Environment of a benchmark worker process with ``devices`` CPU devices. ``malloc``:
+  "jemalloc" preloads it as `cfgdiff.main` does on a CPU host (when installed), "system"
+  keeps the C library's."""
+  from cfgdiff import allocator
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {extra_xla_flags}"
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":")
+                               if p and "jemalloc" not in p)
+  if malloc == "jemalloc":
+    return allocator.preload_environment(env, allocator.find_jemalloc(), False) or env
+  return env
+
+
+def run_variant(module: str, variant: dict, devices: int, extra_xla_flags: str = "",
+                malloc: str = "jemalloc") -> dict:
+  """Runs ``python -m module --worker JSON`` with ``devices`` CPU devices under ``malloc``
+  (see worker_env); returns its JSON."""
+  env = worker_env(devices, extra_xla_flags, malloc)
   out = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(variant)],
                        cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   if out.returncode != 0:

@@ -76,8 +76,7 @@ def worker(variant: dict) -> dict:
 
 
 def _start(variant: dict, devices: int) -> subprocess.Popen:
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=(
-      f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false"))
+  env = common.worker_env(devices, "--xla_cpu_multi_thread_eigen=false")
   return subprocess.Popen([sys.executable, "-m", "benchmarks.device_split", "--worker",
                            json.dumps(variant)], cwd=common.ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

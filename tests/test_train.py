@@ -158,6 +158,18 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(synthetic_data, tmp_path):
   assert "checkpoint_manager.py" not in proc.stderr, "Orbax's INFO lines are filtered out"
 
 
+def test_hundreds_of_steps_between_logs_do_not_deadlock(synthetic_data, tmp_path):
+  """400 steps on 2 devices with nothing between them that waits for the devices. With the
+  loop dispatching unboundedly ahead, jaxlib 0.10.2's CPU client deadlocked in the gradient
+  all-reduce and aborted after 60 s (make run hung 150 steps in)."""
+  proc = run_cli(f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
+                 f"--workdir={tmp_path}", "--config.runtime.cpu_devices=2",
+                 "--config.train.num_steps=400", "--config.train.log_every_steps=400",
+                 "--config.train.checkpoint_every_steps=400")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[400] grad_norm=" in proc.stderr
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.diffusion.p_uncond=1.5",
      "config.diffusion.p_uncond=1.5 is invalid: must lie in [0, 1]"),
