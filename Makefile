@@ -14,7 +14,7 @@ CLI := $(PY) -m cfgdiff.main --config=$(CONFIG)
 
 REFERENCE_WORKDIR ?= workdir/reference
 
-.PHONY: setup setup-test data train sample sweep run table1 table1-reference reference test lint rehearse
+.PHONY: setup setup-test data jemalloc train sample sweep run table1 table1-reference reference test lint rehearse
 
 # The main job installs only what it imports; the tests add pytest, ruff and PyTorch
 # (the parity tests and benchmarks/ compare against it), about 5 GB more.
@@ -28,22 +28,22 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[test,fid]"
 	touch $@
 
-# Debian packages: the data, and jemalloc, which cfgdiff.main preloads on CPU hosts (XLA:CPU
-# training steps 1.2-1.3x faster, cfgdiff/allocator.py). jemalloc is optional: without apt the
-# job runs on the C library's malloc.
-JEMALLOC := /usr/lib/$(shell uname -m)-linux-gnu/libjemalloc.so.2
 data:
 	@[ -f $(DATA)/train-images-idx3-ubyte.gz ] || { \
 	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
-	@[ -f $(JEMALLOC) ] || { \
+
+# jemalloc, which cfgdiff.main preloads on CPU hosts (training 1.1-1.3x faster,
+# cfgdiff/allocator.py). Optional: without apt the job runs on the C library's malloc.
+jemalloc:
+	@{ ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | grep -q libjemalloc.so.2 || ! command -v apt-get >/dev/null || { \
 	  echo "Installing jemalloc (Debian package libjemalloc2)"; \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libjemalloc2; } || \
 	  echo "jemalloc not installed: CPU training will run on the C library's malloc"; }
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed data jemalloc
 
-setup-test: $(VENV)/.installed-test data
+setup-test: $(VENV)/.installed-test data jemalloc
 
 train: setup
 	$(CLI) --workdir=$(WORKDIR)

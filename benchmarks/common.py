@@ -79,17 +79,22 @@ def train_setup(config) -> tuple:  # (Mesh, UNet, optax transform, TrainState, d
 
 def worker_env(devices: int, extra_xla_flags: str = "", malloc: str = "jemalloc") -> dict:
   """Environment of a benchmark worker process with ``devices`` CPU devices. ``malloc``:
-  "jemalloc" preloads it as `cfgdiff.main` does on a CPU host (when installed), "system"
-  keeps the C library's."""
+  "jemalloc" preloads it as `cfgdiff.main` does on a CPU host, "system" runs the C
+  library's malloc; any allocator this process inherited is dropped first."""
   from cfgdiff import allocator
-  env = dict(os.environ)
+  if malloc not in allocator.CHOICES:
+    raise ValueError(f"malloc={malloc!r}: must be one of {allocator.CHOICES}")
+  env = {k: v for k, v in os.environ.items() if k not in (allocator.CHOICE, allocator.REEXECUTED)}
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {extra_xla_flags}"
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":")
-                               if p and "jemalloc" not in p)
-  if malloc == "jemalloc":
-    return allocator.preload_environment(env, allocator.find_jemalloc(), False) or env
-  return env
+                               if p and not any(name in p for name in allocator.ALLOCATORS))
+  if malloc == "system":
+    return env
+  jemalloc = allocator.find_jemalloc()
+  if jemalloc is None:
+    raise RuntimeError(f"jemalloc is not installed ({allocator.INSTALL_HINT})")
+  return allocator.preload_environment(env, jemalloc, accelerator=False)
 
 
 def run_variant(module: str, variant: dict, devices: int, extra_xla_flags: str = "",
@@ -101,7 +106,10 @@ def run_variant(module: str, variant: dict, devices: int, extra_xla_flags: str =
                        cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   if out.returncode != 0:
     raise RuntimeError(f"variant {variant} failed:\n{out.stderr[-3000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  if "malloc" in result and result["malloc"].startswith("jemalloc") != (malloc == "jemalloc"):
+    raise RuntimeError(f"variant {variant} ran under {result['malloc']}, not {malloc}")
+  return result
 
 
 def append_section(title: str, command: str, header: list[str], rows: list[list]) -> None:

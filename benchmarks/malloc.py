@@ -8,7 +8,8 @@ for each allocator, the JAX training step (both kernel gradients, one XLA device
 and PyTorch eager's (one thread per core, `benchmarks/torch_unet.py`, same network and
 weights) with the minor page faults and the kernel (system) CPU time per step, from
 getrusage over ``--steps`` steps after warm-up. Every variant is a fresh process; the
-allocators alternate for ``--rounds`` rounds and the fastest round is kept. Appends one
+allocators alternate for ``--rounds`` rounds (the two JAX steps swap order each round) and
+the fastest round is kept. Appends one
 table to BENCHMARKS.md with the CPU model.
 """
 
@@ -38,6 +39,7 @@ def _per_step(run_steps, steps: int) -> dict:
 def worker(variant: dict) -> dict:
   """Per-step numbers of each training step in this process (its allocator is fixed)."""
   from benchmarks.vs_torch import _config
+  from cfgdiff import allocator
   config = _config(variant["model"])
   steps = variant["steps"]
   if variant["framework"] == "torch":
@@ -51,14 +53,16 @@ def worker(variant: dict) -> dict:
                     mc.num_res_blocks, mc.attn_resolutions, mc.head_channels, mc.num_heads)
     step = adam_train_step(net, config.train.batch_size, (1, size, size),
                            config.data.num_classes, config.diffusion.p_uncond)
-    return {"torch": _per_step(lambda n: [step() for _ in range(n)], steps)}
+    return {"torch": _per_step(lambda n: [step() for _ in range(n)], steps),
+            "malloc": allocator.in_use()}
 
   import jax
 
   from cfgdiff import train
   mesh, model, optimizer, state, images = common.train_setup(config)
-  out = {}
-  for name, taps in (("taps", True), ("xla", False)):
+  out = {"malloc": allocator.in_use()}
+  order = (("taps", True), ("xla", False))
+  for name, taps in order[::-1] if variant["reverse"] else order:  # alternates across rounds
     compiled = train.compile_train_step(config, model.clone(kernel_grad_taps=taps), optimizer,
                                         mesh).lower(state, images).compile()
 
@@ -94,12 +98,14 @@ def main() -> None:
   rows = []
   for model in args.models.split(","):
     best: dict = {}
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
       for framework in ("jax", "torch"):
         for malloc in ALLOCATORS:
-          variant = dict(model=model, steps=args.steps, framework=framework)
+          variant = dict(model=model, steps=args.steps, framework=framework,
+                         reverse=round_index % 2 == 1)
           result = common.run_variant("benchmarks.malloc", variant, cores,
                                       "--xla_cpu_multi_thread_eigen=false", malloc=malloc)
+          del result["malloc"]  # run_variant checked it is the one asked for
           for name, numbers in result.items():
             key = (name, malloc)
             if key not in best or numbers["s"] < best[key]["s"]:

@@ -9,7 +9,8 @@ device per core, PyTorch eager with one thread per core, both on the same networ
 the same initial weights. GFLOP/s use XLA's count of the step's floating-point operations
 for both frameworks and are set against each framework's own measured matmul peak
 (2048^3, all cores). Each JAX variant runs in a fresh process (the device count is fixed
-at JAX import); PyTorch runs here.
+at JAX import), and PyTorch runs in its own processes, once under the C library's malloc (as
+`python` starts) and once under jemalloc (as `cfgdiff.main` runs JAX on a CPU host).
 Appends one table to BENCHMARKS.md with the CPU model and its vector extensions.
 """
 
@@ -96,7 +97,8 @@ def jax_worker(variant: dict) -> dict:
   return out
 
 
-def torch_side(model_name: str, steps: int) -> dict:
+def torch_worker(model_name: str, steps: int) -> dict:
+  """Training step, guided evaluation and matmul peak in PyTorch eager; own process."""
   import jax
   import torch
 
@@ -122,6 +124,14 @@ def torch_side(model_name: str, steps: int) -> dict:
   return out
 
 
+def worker(variant: dict) -> dict:
+  """One framework's numbers for one network, with the allocator this process runs."""
+  from cfgdiff import allocator
+  out = (torch_worker(variant["model"], variant["steps"]) if variant.get("framework") == "torch"
+         else jax_worker(variant))
+  return dict(out, malloc=allocator.in_use())
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--worker", help="internal: run one JSON variant and print JSON")
@@ -130,36 +140,42 @@ def main() -> None:
   parser.add_argument("--no-write", action="store_true", help="print only")
   args = parser.parse_args()
   if args.worker:
-    print(json.dumps(jax_worker(json.loads(args.worker))))
+    print(json.dumps(worker(json.loads(args.worker))))
     return
 
   cores = os.cpu_count() or 1
-  header = ["network, batch", "what", f"JAX, {cores} devices (s)",
-            f"PyTorch, {cores} threads (s)", "JAX speed / PyTorch's", "JAX GFLOP/s (% of its peak)",
-            "PyTorch GFLOP/s (% of its peak)"]
+  header = ["network, batch", "what", f"JAX, {cores} devices, jemalloc (s)",
+            f"PyTorch, {cores} threads, glibc (s)", f"PyTorch, {cores} threads, jemalloc (s)",
+            "JAX speed / PyTorch's (glibc, jemalloc)", "JAX GFLOP/s (% of its peak)",
+            "PyTorch GFLOP/s, jemalloc (% of its peak)"]
   rows = []
   for model_name in args.models.split(","):
-    jax_r = common.run_variant("benchmarks.vs_torch", dict(model=model_name, steps=args.steps),
-                               cores, "--xla_cpu_multi_thread_eigen=false")
-    torch_r = torch_side(model_name, args.steps)
-    for what, key in (("training step (the faster kernel gradient, as 'auto' trains)",
-                       "train"), ("guided evaluation", "eval")):
-      jax_s, torch_s = jax_r[f"{key}_s"], torch_r[f"{key}_s"]
-      jax_rate, torch_rate = (jax_r[f"{key}_flops"] / s / 1e9 for s in (jax_s, torch_s))
-      rows.append([f"{model_name}, {MODELS[model_name][1]}", what, f"{jax_s:.3f}",
-                   f"{torch_s:.3f}", f"{torch_s / jax_s:.2f}",
-                   f"{jax_rate:.0f} ({100 * jax_rate / jax_r['matmul_gflops']:.0f}%)",
-                   f"{torch_rate:.0f} ({100 * torch_rate / torch_r['matmul_gflops']:.0f}%)"])
-      print(" | ".join(rows[-1]), flush=True)
-    for what, key in (("training step, conv.py's tap products", "train_taps"),
+    variant = dict(model=model_name, steps=args.steps)
+    jax_r = common.run_variant("benchmarks.vs_torch", variant, cores,
+                               "--xla_cpu_multi_thread_eigen=false")
+    torch_variant = dict(variant, framework="torch")
+    torch_r = {malloc: common.run_variant("benchmarks.vs_torch", torch_variant, cores,
+                                          malloc=malloc) for malloc in ("system", "jemalloc")}
+    label = f"{model_name}, {MODELS[model_name][1]}"
+    for what, key in (("training step (the faster kernel gradient, as 'auto' trains)", "train"),
+                      ("guided evaluation", "eval"), ("training step, conv.py's tap products",
+                                                      "train_taps"),
                       ("training step, XLA's kernel gradient", "train_xla_conv")):
+      torch_key = "eval" if key == "eval" else "train"
       jax_s = jax_r[f"{key}_s"]
-      rows.append([f"{model_name}, {MODELS[model_name][1]}", what, f"{jax_s:.3f}",
-                   f"{torch_r['train_s']:.3f}", f"{torch_r['train_s'] / jax_s:.2f}",
-                   f"{jax_r['train_flops'] / jax_s / 1e9:.0f}", "-"])
+      glibc_s, jemalloc_s = (torch_r[m][f"{torch_key}_s"] for m in ("system", "jemalloc"))
+      flops = jax_r["eval_flops" if key == "eval" else "train_flops"]
+      jax_rate, torch_rate = flops / jax_s / 1e9, flops / jemalloc_s / 1e9
+      torch_peak = torch_r["jemalloc"]["matmul_gflops"]
+      rows.append([label, what, f"{jax_s:.3f}", f"{glibc_s:.3f}", f"{jemalloc_s:.3f}",
+                   f"{glibc_s / jax_s:.2f}, {jemalloc_s / jax_s:.2f}",
+                   f"{jax_rate:.0f} ({100 * jax_rate / jax_r['matmul_gflops']:.0f}%)",
+                   f"{torch_rate:.0f} ({100 * torch_rate / torch_peak:.0f}%)"
+                   if key in ("train", "eval") else "-"])
       print(" | ".join(rows[-1]), flush=True)
-  rows.append(["matmul 2048^3", "peak", "-", "-", "-", f"{jax_r['matmul_gflops']:.0f}",
-               f"{torch_r['matmul_gflops']:.0f}"])
+  rows.append(["matmul 2048^3", "peak (GFLOP/s)", f"{jax_r['matmul_gflops']:.0f}",
+               f"{torch_r['system']['matmul_gflops']:.0f}",
+               f"{torch_r['jemalloc']['matmul_gflops']:.0f}", "-", "-", "-"])
   print(" | ".join(rows[-1]))
   if not args.no_write:
     common.append_section("JAX against PyTorch eager, training and guided evaluation",

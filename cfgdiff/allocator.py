@@ -1,19 +1,19 @@
-"""jemalloc for CPU runs: XLA:CPU's per-call buffers cost a quarter of a step under glibc.
+"""jemalloc for CPU runs: under glibc, XLA:CPU page-faults its buffers in at every step.
 
 XLA:CPU allocates each executable's temporary buffer with malloc at every call and frees it
 afterwards. glibc serves an allocation above 32 MB with a fresh ``mmap``, so every training
 step page-faults that memory back in (the kernel zeroes each 4 KB page) and unmaps it again:
 41,000 minor faults and about 60 ms of kernel time per step of the Fashion-MNIST default on
-two cores. jemalloc told never to return freed pages (``dirty_decay_ms:-1``) reuses them:
-no faults, and the step 1.2-1.3x faster (BENCHMARKS.md). Memory held stays at the peak of
-one step, which a training process reaches anyway.
+two cores. jemalloc told never to return freed pages (``dirty_decay_ms:-1``) reuses them: no
+faults, and training steps 1.1-1.2x faster (BENCHMARKS.md, ``python -m benchmarks.malloc``).
+The memory the process holds stays at the peak it reached.
 
 The allocator is fixed when the process starts (``LD_PRELOAD``), so ``cfgdiff.main``
 re-executes itself once with jemalloc when it is installed (Debian/Ubuntu: ``apt-get install
 libjemalloc2``; ``make setup`` does it). Only on hosts without an accelerator: the buffers
 above are CPU-backend buffers, and the gain is measured only there. ``CFGDIFF_MALLOC=system``
-keeps glibc's allocator; an allocator already in ``LD_PRELOAD`` (tcmalloc, as on some TPU
-images) is left alone.
+keeps the C library's malloc; an allocator already in ``LD_PRELOAD`` (tcmalloc, as on some
+TPU images) is left alone.
 """
 
 from __future__ import annotations
@@ -21,32 +21,46 @@ from __future__ import annotations
 import ctypes.util
 import glob
 import os
-import platform
 import sys
 from collections.abc import Mapping
 
 # Freed pages are kept for reuse instead of returned (and faulted in again next step).
 MALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
-OPT_OUT = "CFGDIFF_MALLOC"  # "system": keep the C library's malloc
+CHOICE = "CFGDIFF_MALLOC"  # "jemalloc" (the default) or "system"
+CHOICES = ("jemalloc", "system")
 INSTALL_HINT = "sudo apt-get install libjemalloc2"
-_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-_ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")  # names a preload of one contains
+REEXECUTED = "CFGDIFF_MALLOC_REEXECUTED"  # set in the re-executed process: never twice
+_ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd")
+
+
+class AllocatorError(ValueError):
+  """CFGDIFF_MALLOC holds a value other than CHOICES."""
+
+
+def choice(environ: Mapping[str, str]) -> str:
+  """The allocator CFGDIFF_MALLOC asks for; unset means jemalloc."""
+  value = environ.get(CHOICE, "").strip().lower() or "jemalloc"
+  if value not in CHOICES:
+    raise AllocatorError(f"{CHOICE}={environ[CHOICE]!r} is invalid: must be one of {CHOICES} "
+                         "(unset means jemalloc where installed).")
+  return value
 
 
 def find_jemalloc() -> str | None:
   """Path (or soname) of an installed libjemalloc.so.2, else None."""
-  machine = platform.machine()
-  for path in (f"/usr/lib/{machine}-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
-               "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2"):
+  for path in (f"/usr/lib/{os.uname().machine}-linux-gnu/libjemalloc.so.2",
+               "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2",
+               "/usr/local/lib/libjemalloc.so.2"):
     if os.path.exists(path):
       return path
   return ctypes.util.find_library("jemalloc")
 
 
 def accelerator_present(environ: Mapping[str, str]) -> bool:
-  """True if JAX will run on a GPU or TPU here: their device nodes exist, or JAX_PLATFORMS
-  names another platform first."""
-  platforms = environ.get("JAX_PLATFORMS", "")
+  """True if JAX will run on a GPU or TPU here: their device nodes exist (CUDA, TPU, ROCm),
+  or JAX_PLATFORMS names another platform first."""
+  platforms = environ.get("JAX_PLATFORMS", "").strip()
   if platforms and not platforms.startswith("cpu"):
     return True
   return any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
@@ -56,44 +70,54 @@ def preload_environment(environ: Mapping[str, str], jemalloc: str | None,
                         accelerator: bool) -> dict[str, str] | None:
   """The environment to re-execute with jemalloc preloaded, or None to run as is.
 
-  None when: the user opted out (CFGDIFF_MALLOC=system), jemalloc is not installed, the
-  host has an accelerator, or LD_PRELOAD already names an allocator (which is also how the
-  re-executed process knows it is done).
+  None when: CFGDIFF_MALLOC=system, jemalloc is not installed, the host has an accelerator,
+  LD_PRELOAD already names an allocator, or this process is the re-executed one.
+  Raises AllocatorError for a CFGDIFF_MALLOC value outside CHOICES.
   """
   preloaded = environ.get("LD_PRELOAD", "")
-  if (environ.get(OPT_OUT, "").lower() == "system" or jemalloc is None or accelerator
-      or any(name in preloaded for name in _ALLOCATORS)):
+  if (choice(environ) == "system" or jemalloc is None or accelerator or REEXECUTED in environ
+      or any(name in preloaded for name in ALLOCATORS)):
     return None
   env = dict(environ)
   env["LD_PRELOAD"] = f"{jemalloc}:{preloaded}" if preloaded else jemalloc
-  env.setdefault("MALLOC_CONF", MALLOC_CONF)
+  # A user's MALLOC_CONF comes after ours: where both set an option, theirs wins.
+  user_conf = environ.get("MALLOC_CONF", "")
+  env["MALLOC_CONF"] = f"{MALLOC_CONF},{user_conf}" if user_conf else MALLOC_CONF
+  env[REEXECUTED] = "1"
   return env
 
 
 def reexec_with_jemalloc() -> None:
-  """Replaces this process with the same command under jemalloc, when preload_environment
-  says so; returns otherwise. Call before any threads start (before importing JAX)."""
-  if sys.platform != "linux":
-    return
+  """Replaces this process with the same command under jemalloc when preload_environment
+  says so; returns otherwise, also if the exec fails. Call before any threads start (before
+  importing JAX). Raises AllocatorError for a bad CFGDIFF_MALLOC."""
   env = preload_environment(os.environ, find_jemalloc(), accelerator_present(os.environ))
-  if env is not None:
-    sys.stdout.flush()
-    sys.stderr.flush()
+  # Only a command that can run again as it is: not `python -c ...` or a script on stdin.
+  if env is None or sys.platform != "linux" or sys.argv[0] in ("", "-", "-c"):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError as error:
+    print(f"cfgdiff: could not re-execute under jemalloc ({error}); running on the C "
+          "library's malloc.", file=sys.stderr)
 
 
 def in_use() -> str:
   """One line for the log: which malloc this process runs, and how to get jemalloc if not."""
   try:
     with open("/proc/self/maps") as f:
-      loaded = "libjemalloc" in f.read()
+      maps = f.read()
   except OSError:
-    loaded = False
-  if loaded:
-    return f"jemalloc (MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})"
-  if os.environ.get(OPT_OUT, "").lower() == "system":
-    return f"the C library's malloc ({OPT_OUT}=system)"
+    maps = ""
+  for name in ALLOCATORS:
+    if f"lib{name}" in maps:
+      conf = f" (MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})" if name == "jemalloc" else ""
+      return name + conf
+  if os.environ.get(CHOICE, "").strip().lower() == "system":
+    return f"the C library's malloc ({CHOICE}=system)"
   if sys.platform == "linux" and not accelerator_present(os.environ) and find_jemalloc() is None:
-    return ("the C library's malloc; CPU training steps run about 1.25x faster with "
-            f"jemalloc: {INSTALL_HINT}")
+    return ("the C library's malloc; CPU training steps run 1.1-1.2x faster with jemalloc: "
+            f"{INSTALL_HINT}")
   return "the C library's malloc"

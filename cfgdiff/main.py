@@ -135,7 +135,10 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  allocator.reexec_with_jemalloc()  # once, before JAX's threads exist
+  try:
+    allocator.reexec_with_jemalloc()  # once, before JAX's threads exist
+  except allocator.AllocatorError as e:
+    _fail(str(e))
   app.run(main, flags_parser=_parse_flags)
 
 

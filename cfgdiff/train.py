@@ -374,11 +374,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
   return state
 
 
-# Steps dispatched ahead of the devices. Unbounded, jaxlib 0.10.2's CPU client deadlocked
-# about 150 steps into the Fashion-MNIST main job (2 devices): one device waited in the
-# gradient all-reduce for a step the other was never given, while the dispatching thread
-# waited for a free slot. Two keep the devices fed; the wait is on a few scalars.
-_MAX_STEPS_IN_FLIGHT = 2
+# Steps dispatched ahead of the devices on CPU. A workaround, to revisit with jaxlib > 0.10.2:
+# unbounded, its CPU client deadlocked about 150 steps into the Fashion-MNIST main job (2
+# devices): one device waited in the gradient all-reduce for a step the other was never
+# given, while the dispatching thread waited for a free slot. Two keep the devices fed;
+# the wait is on a few scalars. TPU and GPU dispatch unboundedly, as before.
+_MAX_CPU_STEPS_IN_FLIGHT = 2
 
 
 def _loop(config: ml_collections.ConfigDict, state: build.TrainState, step_fn: Callable,
@@ -390,13 +391,15 @@ def _loop(config: ml_collections.ConfigDict, state: build.TrainState, step_fn: C
   tc = config.train
   window: list[dict[str, Array]] = []
   in_flight: collections.deque[dict[str, Array]] = collections.deque()
+  max_in_flight = _MAX_CPU_STEPS_IN_FLIGHT if jax.default_backend() == "cpu" else None
   window_start = time.time()
   for step in range(int(state.step), tc.num_steps):
     state, metrics = step_fn(state, build.global_batch(next(pipeline), mesh))
     window.append(metrics)
-    in_flight.append(metrics)
-    if len(in_flight) > _MAX_STEPS_IN_FLIGHT:
-      jax.block_until_ready(in_flight.popleft())
+    if max_in_flight is not None:
+      in_flight.append(metrics)
+      if len(in_flight) > max_in_flight:
+        jax.block_until_ready(in_flight.popleft())
     done = step + 1
     report(done)
     if done % tc.log_every_steps == 0 or done == tc.num_steps:

@@ -1,5 +1,7 @@
 """When cfgdiff.main re-executes itself under jemalloc, and when it must not."""
 
+import pytest
+
 from cfgdiff import allocator
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
@@ -7,28 +9,48 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 def test_cpu_host_gets_jemalloc_preloaded_with_page_retention():
   env = allocator.preload_environment({"PATH": "/bin"}, JEMALLOC, accelerator=False)
-  assert env == {"PATH": "/bin", "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": allocator.MALLOC_CONF}
+  assert env == {"PATH": "/bin", "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": allocator.MALLOC_CONF,
+                 "CFGDIFF_MALLOC_REEXECUTED": "1"}
   assert "dirty_decay_ms:-1" in allocator.MALLOC_CONF
 
 
-def test_existing_preloads_and_malloc_conf_are_kept():
+def test_existing_preloads_are_kept_and_a_users_malloc_conf_wins_where_it_overlaps():
   env = allocator.preload_environment({"LD_PRELOAD": "/lib/libfoo.so", "MALLOC_CONF": "narenas:2"},
                                       JEMALLOC, accelerator=False)
   assert env["LD_PRELOAD"] == f"{JEMALLOC}:/lib/libfoo.so"
-  assert env["MALLOC_CONF"] == "narenas:2"
+  # jemalloc reads options left to right, so the user's come last and win.
+  assert env["MALLOC_CONF"] == f"{allocator.MALLOC_CONF},narenas:2"
 
 
 def test_no_reexec_when_opted_out_missing_on_an_accelerator_or_already_preloaded():
   assert allocator.preload_environment({"CFGDIFF_MALLOC": "system"}, JEMALLOC, False) is None
+  assert allocator.preload_environment({"CFGDIFF_MALLOC": " System "}, JEMALLOC, False) is None
   assert allocator.preload_environment({}, None, False) is None
   assert allocator.preload_environment({}, JEMALLOC, True) is None
-  # The re-executed process sees its own preload and runs on: no exec loop.
-  env = allocator.preload_environment({}, JEMALLOC, False)
-  assert allocator.preload_environment(env, JEMALLOC, False) is None
   assert allocator.preload_environment(
       {"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}, JEMALLOC, False) is None
+  # The re-executed process runs on, even if something stripped its LD_PRELOAD: no exec loop.
+  env = allocator.preload_environment({}, JEMALLOC, False)
+  assert allocator.preload_environment(env, JEMALLOC, False) is None
+  assert allocator.preload_environment(dict(env, LD_PRELOAD=""), JEMALLOC, False) is None
 
 
-def test_jax_platforms_other_than_cpu_count_as_an_accelerator():
+def test_a_bad_choice_is_refused_naming_the_variable_and_the_values():
+  assert allocator.choice({}) == "jemalloc"
+  assert allocator.choice({"CFGDIFF_MALLOC": "jemalloc"}) == "jemalloc"
+  with pytest.raises(allocator.AllocatorError, match=r"CFGDIFF_MALLOC='glibc' is invalid: "
+                     r"must be one of \('jemalloc', 'system'\)"):
+    allocator.preload_environment({"CFGDIFF_MALLOC": "glibc"}, JEMALLOC, False)
+
+
+def test_accelerators_are_found_by_jax_platforms_or_device_nodes(monkeypatch):
   assert allocator.accelerator_present({"JAX_PLATFORMS": "tpu"})
   assert allocator.accelerator_present({"JAX_PLATFORMS": "cuda,cpu"})
+  nodes: list[str] = []
+  monkeypatch.setattr(allocator.glob, "glob", lambda pattern: [p for p in nodes
+                                                               if p.startswith(pattern[:9])])
+  assert not allocator.accelerator_present({"JAX_PLATFORMS": " cpu"})
+  nodes.append("/dev/nvidia0")
+  assert allocator.accelerator_present({})
+  nodes[:] = ["/dev/accel0"]
+  assert allocator.accelerator_present({"JAX_PLATFORMS": "cpu"})
