@@ -94,7 +94,7 @@ lint: setup-test
 	$(PY) -m ruff check .
 
 test: setup-test lint
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m cfgdiff.allocator $(PY) -m pytest -q --durations=25 tests
 
 sample: setup
 	$(CLI) --workdir=$(WORKDIR) --mode=sample

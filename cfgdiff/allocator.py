@@ -75,7 +75,7 @@ def preload_environment(environ: Mapping[str, str], jemalloc: str | None,
   Raises AllocatorError for a CFGDIFF_MALLOC value outside CHOICES.
   """
   preloaded = environ.get("LD_PRELOAD", "")
-  if (choice(environ) == "system" or jemalloc is None or accelerator or REEXECUTED in environ
+  if (choice(environ) == "system" or jemalloc is None or accelerator or environ.get(REEXECUTED)
       or any(name in preloaded for name in ALLOCATORS)):
     return None
   env = dict(environ)
@@ -121,3 +121,20 @@ def in_use() -> str:
     return ("the C library's malloc; CPU training steps run 1.1-1.2x faster with jemalloc: "
             f"{INSTALL_HINT}")
   return "the C library's malloc"
+
+
+def main(argv: list[str]) -> None:
+  """``python -m cfgdiff.allocator COMMAND [ARGS...]``: runs COMMAND under jemalloc wherever
+  ``cfgdiff.main`` would (``make test`` runs pytest so, for the tests that run JAX in
+  pytest's own process)."""
+  if not argv:
+    sys.exit("usage: python -m cfgdiff.allocator COMMAND [ARGS...]")
+  try:
+    env = preload_environment(os.environ, find_jemalloc(), accelerator_present(os.environ))
+  except AllocatorError as error:
+    sys.exit(f"cfgdiff: error: {error}")
+  os.execvpe(argv[0], argv, env if env is not None else dict(os.environ))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

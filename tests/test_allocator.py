@@ -54,3 +54,22 @@ def test_accelerators_are_found_by_jax_platforms_or_device_nodes(monkeypatch):
   assert allocator.accelerator_present({})
   nodes[:] = ["/dev/accel0"]
   assert allocator.accelerator_present({"JAX_PLATFORMS": "cpu"})
+
+
+def test_the_command_wrapper_runs_a_command_under_the_same_rule(tmp_path):
+  """`python -m cfgdiff.allocator CMD` (how make test starts pytest) preloads jemalloc
+  exactly where cfgdiff.main would, and passes the arguments and exit status through."""
+  import os
+  import subprocess
+  import sys
+  script = "import os, sys; print(os.environ.get('LD_PRELOAD', '')); sys.exit(3)"
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_PRELOAD", allocator.REEXECUTED, allocator.CHOICE)}
+  for extra, preloaded in (({}, allocator.find_jemalloc() is not None
+                            and not allocator.accelerator_present(env)),
+                           ({allocator.CHOICE: "system"}, False)):
+    proc = subprocess.run([sys.executable, "-m", "cfgdiff.allocator", sys.executable, "-c",
+                           script], env=dict(env, **extra), capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert ("jemalloc" in proc.stdout) == preloaded

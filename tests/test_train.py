@@ -137,7 +137,8 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(synthetic_data, tmp_path):
             "--config.runtime.cpu_devices=2"]
   whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
   glibc = {"LD_PRELOAD": "", "CFGDIFF_MALLOC": "system"}
-  jemalloc = {"LD_PRELOAD": "", "CFGDIFF_MALLOC": ""}  # as a fresh shell: re-executes
+  # As from a fresh shell (make test runs pytest itself under jemalloc): re-executes.
+  jemalloc = {"LD_PRELOAD": "", "CFGDIFF_MALLOC": "", allocator.REEXECUTED: ""}
   for workdir, steps, env in ((whole, 6, glibc), (split, 3, jemalloc), (split, 6, jemalloc)):
     proc = run_cli(*common, f"--workdir={workdir}", f"--config.train.num_steps={steps}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
