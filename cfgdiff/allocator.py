@@ -5,8 +5,8 @@ afterwards. glibc serves an allocation above 32 MB with a fresh ``mmap``, so eve
 step page-faults that memory back in (the kernel zeroes each 4 KB page) and unmaps it again:
 41,000 minor faults and about 60 ms of kernel time per step of the Fashion-MNIST default on
 two cores. jemalloc told never to return freed pages (``dirty_decay_ms:-1``) reuses them: no
-faults, and training steps 1.1-1.2x faster (BENCHMARKS.md, ``python -m benchmarks.malloc``).
-The memory the process holds stays at the peak it reached.
+faults; training steps 1.1-1.25x faster (``python -m benchmarks.malloc``), the main job's
+training loop 1.3x (BENCHMARKS.md). The memory the process holds stays at the peak it reached.
 
 The allocator is fixed when the process starts (``LD_PRELOAD``), so ``cfgdiff.main``
 re-executes itself once with jemalloc when it is installed (Debian/Ubuntu: ``apt-get install
@@ -58,11 +58,11 @@ def find_jemalloc() -> str | None:
 
 
 def accelerator_present(environ: Mapping[str, str]) -> bool:
-  """True if JAX will run on a GPU or TPU here: their device nodes exist (CUDA, TPU, ROCm),
-  or JAX_PLATFORMS names another platform first."""
+  """True if JAX will run on a GPU or TPU here: JAX_PLATFORMS names another platform first,
+  or, when it is unset, their device nodes exist (CUDA, TPU, ROCm)."""
   platforms = environ.get("JAX_PLATFORMS", "").strip()
-  if platforms and not platforms.startswith("cpu"):
-    return True
+  if platforms:  # the user's choice wins over what the host has
+    return not platforms.startswith("cpu")
   return any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
 
 
@@ -82,18 +82,26 @@ def preload_environment(environ: Mapping[str, str], jemalloc: str | None,
   env["LD_PRELOAD"] = f"{jemalloc}:{preloaded}" if preloaded else jemalloc
   # A user's MALLOC_CONF comes after ours: where both set an option, theirs wins.
   user_conf = environ.get("MALLOC_CONF", "")
-  env["MALLOC_CONF"] = f"{MALLOC_CONF},{user_conf}" if user_conf else MALLOC_CONF
+  env["MALLOC_CONF"] = (user_conf if user_conf.startswith(MALLOC_CONF)
+                        else f"{MALLOC_CONF},{user_conf}" if user_conf else MALLOC_CONF)
   env[REEXECUTED] = "1"
   return env
+
+
+def _this_host_environment() -> dict[str, str] | None:
+  """preload_environment for this process's environment, on Linux only."""
+  if sys.platform != "linux":
+    return None
+  return preload_environment(os.environ, find_jemalloc(), accelerator_present(os.environ))
 
 
 def reexec_with_jemalloc() -> None:
   """Replaces this process with the same command under jemalloc when preload_environment
   says so; returns otherwise, also if the exec fails. Call before any threads start (before
   importing JAX). Raises AllocatorError for a bad CFGDIFF_MALLOC."""
-  env = preload_environment(os.environ, find_jemalloc(), accelerator_present(os.environ))
+  env = _this_host_environment()
   # Only a command that can run again as it is: not `python -c ...` or a script on stdin.
-  if env is None or sys.platform != "linux" or sys.argv[0] in ("", "-", "-c"):
+  if env is None or sys.argv[0] in ("", "-", "-c"):
     return
   sys.stdout.flush()
   sys.stderr.flush()
@@ -115,10 +123,10 @@ def in_use() -> str:
     if f"lib{name}" in maps:
       conf = f" (MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})" if name == "jemalloc" else ""
       return name + conf
-  if os.environ.get(CHOICE, "").strip().lower() == "system":
+  if choice(os.environ) == "system":
     return f"the C library's malloc ({CHOICE}=system)"
   if sys.platform == "linux" and not accelerator_present(os.environ) and find_jemalloc() is None:
-    return ("the C library's malloc; CPU training steps run 1.1-1.2x faster with jemalloc: "
+    return ("the C library's malloc; CPU training runs 1.1-1.3x faster with jemalloc: "
             f"{INSTALL_HINT}")
   return "the C library's malloc"
 
@@ -130,9 +138,10 @@ def main(argv: list[str]) -> None:
   if not argv:
     sys.exit("usage: python -m cfgdiff.allocator COMMAND [ARGS...]")
   try:
-    env = preload_environment(os.environ, find_jemalloc(), accelerator_present(os.environ))
+    env = _this_host_environment()
   except AllocatorError as error:
-    sys.exit(f"cfgdiff: error: {error}")
+    print(f"cfgdiff: error: {error}", file=sys.stderr)
+    sys.exit(2)
   os.execvpe(argv[0], argv, env if env is not None else dict(os.environ))
 
 

@@ -1,5 +1,9 @@
 """When cfgdiff.main re-executes itself under jemalloc, and when it must not."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from cfgdiff import allocator
@@ -19,6 +23,9 @@ def test_existing_preloads_are_kept_and_a_users_malloc_conf_wins_where_it_overla
                                       JEMALLOC, accelerator=False)
   assert env["LD_PRELOAD"] == f"{JEMALLOC}:/lib/libfoo.so"
   # jemalloc reads options left to right, so the user's come last and win.
+  assert env["MALLOC_CONF"] == f"{allocator.MALLOC_CONF},narenas:2"
+  # Wrapped twice (make test's pytest, then a CLI run inside it): not repeated.
+  env = allocator.preload_environment({"MALLOC_CONF": env["MALLOC_CONF"]}, JEMALLOC, False)
   assert env["MALLOC_CONF"] == f"{allocator.MALLOC_CONF},narenas:2"
 
 
@@ -49,19 +56,17 @@ def test_accelerators_are_found_by_jax_platforms_or_device_nodes(monkeypatch):
   nodes: list[str] = []
   monkeypatch.setattr(allocator.glob, "glob", lambda pattern: [p for p in nodes
                                                                if p.startswith(pattern[:9])])
-  assert not allocator.accelerator_present({"JAX_PLATFORMS": " cpu"})
+  assert not allocator.accelerator_present({})
   nodes.append("/dev/nvidia0")
   assert allocator.accelerator_present({})
   nodes[:] = ["/dev/accel0"]
-  assert allocator.accelerator_present({"JAX_PLATFORMS": "cpu"})
+  assert allocator.accelerator_present({})
+  assert not allocator.accelerator_present({"JAX_PLATFORMS": " cpu"})  # forced onto the CPU
 
 
 def test_the_command_wrapper_runs_a_command_under_the_same_rule(tmp_path):
   """`python -m cfgdiff.allocator CMD` (how make test starts pytest) preloads jemalloc
   exactly where cfgdiff.main would, and passes the arguments and exit status through."""
-  import os
-  import subprocess
-  import sys
   script = "import os, sys; print(os.environ.get('LD_PRELOAD', '')); sys.exit(3)"
   env = {k: v for k, v in os.environ.items()
          if k not in ("LD_PRELOAD", allocator.REEXECUTED, allocator.CHOICE)}

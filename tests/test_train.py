@@ -149,7 +149,7 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(synthetic_data, tmp_path):
     elif allocator.find_jemalloc():
       expected = "jemalloc (MALLOC_CONF=dirty_decay_ms:-1"
     else:
-      expected = f"the C library's malloc; CPU training steps run 1.1-1.2x faster with " \
+      expected = f"the C library's malloc; CPU training runs 1.1-1.3x faster with " \
                  f"jemalloc: {allocator.INSTALL_HINT}"
     assert f"memory allocator: {expected}" in proc.stderr
   assert "Resumed from" in proc.stderr
