@@ -59,6 +59,17 @@ def initial_params(config) -> dict:
       jnp.zeros(1, jnp.int32))["params"]
 
 
+def torch_network(config):  # -> benchmarks.torch_unet.TorchUNet
+  """The PyTorch port of ``config``'s U-Net with initial_params' weights: the network every
+  JAX-vs-PyTorch comparison times on the PyTorch side."""
+  import jax
+
+  from benchmarks.torch_unet import TorchUNet
+  mc = config.model
+  return TorchUNet(jax.device_get(initial_params(config)), mc.ch, mc.ch_mult,
+                   mc.num_res_blocks, mc.attn_resolutions, mc.head_channels, mc.num_heads)
+
+
 def train_setup(config) -> tuple:  # (Mesh, UNet, optax transform, TrainState, dict)
   """(mesh, model, optimizer, fresh TrainState, a random global batch) for ``config``'s
   training at config.train.batch_size, over every device: what a benchmark of the

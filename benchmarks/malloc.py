@@ -43,15 +43,12 @@ def worker(variant: dict) -> dict:
   config = _config(variant["model"])
   steps = variant["steps"]
   if variant["framework"] == "torch":
-    import jax
     import torch
 
-    from benchmarks.torch_unet import TorchUNet, adam_train_step
+    from benchmarks.torch_unet import adam_train_step
     torch.set_num_threads(os.cpu_count() or 1)
-    mc, size = config.model, config.data.image_size
-    net = TorchUNet(jax.device_get(common.initial_params(config)), mc.ch, mc.ch_mult,
-                    mc.num_res_blocks, mc.attn_resolutions, mc.head_channels, mc.num_heads)
-    step = adam_train_step(net, config.train.batch_size, (1, size, size),
+    size = config.data.image_size
+    step = adam_train_step(common.torch_network(config), config.train.batch_size, (1, size, size),
                            config.data.num_classes, config.diffusion.p_uncond)
     return {"torch": _per_step(lambda n: [step() for _ in range(n)], steps),
             "malloc": allocator.in_use()}

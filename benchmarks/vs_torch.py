@@ -99,22 +99,17 @@ def jax_worker(variant: dict) -> dict:
 
 def torch_worker(model_name: str, steps: int) -> dict:
   """Training step, guided evaluation and matmul peak in PyTorch eager; own process."""
-  import jax
   import torch
 
-  from benchmarks.torch_unet import TorchUNet, adam_train_step, guided_eps
+  from benchmarks.torch_unet import adam_train_step, guided_eps
 
   torch.set_num_threads(os.cpu_count() or 1)
   config = _config(model_name)
-  mc, batch, size = config.model, config.train.batch_size, config.data.image_size
-
-  def network():
-    return TorchUNet(jax.device_get(common.initial_params(config)), mc.ch, mc.ch_mult,
-                     mc.num_res_blocks, mc.attn_resolutions, mc.head_channels, mc.num_heads)
-
+  batch, size, classes = config.train.batch_size, config.data.image_size, config.data.num_classes
   out = {"train_s": common.best_time(adam_train_step(
-      network(), batch, (1, size, size), 10, config.diffusion.p_uncond), steps)}
-  net, generator = network(), torch.Generator().manual_seed(0)
+      common.torch_network(config), batch, (1, size, size), classes,
+      config.diffusion.p_uncond), steps)}
+  net, generator = common.torch_network(config), torch.Generator().manual_seed(0)
   z = torch.randn((batch, 1, size, size), generator=generator)
   logsnr, w, label = torch.ones(batch), torch.ones(batch), torch.arange(batch) % 10
   with torch.inference_mode():
