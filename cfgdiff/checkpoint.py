@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging as logging_std
+import sys
+import threading
+import types
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from cfgdiff import files
 
@@ -33,6 +38,75 @@ def saved_steps(workdir: str) -> list[int]:
   return sorted(int(p.name) for p in steps)
 
 
+class _AbandonedReads(logging_std.Filter):
+  """Keeps the late echoes of a failed read-only restore out of the log.
+
+  When one array of a step cannot be read (training deleted the step meanwhile), Orbax's
+  restore raises at once while its other reads are still in flight on TensorStore's
+  threads. Each of them fails later and prints a traceback of its own, in one of three
+  ways: an exception inside Orbax's abandoned read coroutine, or "Event loop is closed"
+  when its result comes back to the asyncio loop the restore already closed (both through
+  ``sys.unraisablehook``), or asyncio's "Task exception was never retrieved" for an Orbax
+  task (through the "asyncio" logger). The failure itself is raised as CheckpointError,
+  so in a process that reads checkpoints read-only these echoes are counted in a debug
+  line instead (armed before the first read: echoes can arrive before the error is
+  raised); every other unraisable exception and asyncio record goes where it went before.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self._lock = threading.Lock()
+    self._previous_hook = sys.unraisablehook
+    self.ignored = 0
+
+  def arm(self) -> None:
+    """From now on echoes are ignored; idempotent."""
+    with self._lock:
+      # Checked each time: a test harness may have put its own hook back meanwhile.
+      if sys.unraisablehook != self._unraisable_hook:
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable_hook
+      logging_std.getLogger("asyncio").addFilter(self)
+
+  @staticmethod
+  def is_echo(unraisable) -> bool:
+    error, source = unraisable.exc_value, unraisable.object
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return "call_soon_threadsafe" in _frame_names(unraisable.exc_traceback)
+    return (isinstance(source, types.CoroutineType)
+            and "orbax" in source.cr_code.co_filename)
+
+  def _ignore(self, kind: str) -> None:
+    self.ignored += 1
+    logging.debug("Ignored a late error of an abandoned checkpoint read (%d so far): %s",
+                  self.ignored, kind)
+
+  def _unraisable_hook(self, unraisable) -> None:
+    if self.is_echo(unraisable):
+      self._ignore(type(unraisable.exc_value).__name__)
+    else:
+      self._previous_hook(unraisable)
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    """For the asyncio logger: False (drop) for an abandoned Orbax read task."""
+    message = record.getMessage()
+    if message.startswith("Task exception was never retrieved") and "orbax" in message:
+      self._ignore("task exception never retrieved")
+      return False
+    return True
+
+
+def _frame_names(traceback: types.TracebackType | None) -> list[str]:
+  names = []
+  while traceback is not None:
+    names.append(traceback.tb_frame.f_code.co_name)
+    traceback = traceback.tb_next
+  return names
+
+
+_abandoned_reads = _AbandonedReads()
+
+
 class Checkpointer:
   """Saves and restores {train state, data position} pairs indexed by step.
 
@@ -46,6 +120,7 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}; train first with "
                             "--mode=train or point --workdir at a trained run.")
     if read_only:
+      _abandoned_reads.arm()  # a reader beside training: a step can vanish mid-read
       # Each process reads on its own, with none of Orbax's cross-process barriers: beside
       # a live training job one process can fail to read a step that training just
       # deleted while the others read it, and a barrier the failed process skips would

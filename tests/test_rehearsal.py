@@ -210,7 +210,9 @@ def test_tpu_pod_train_preempt_resume_with_polling_sweep(repo, data_dir, incepti
   assert steps[-1] == TRAIN_STEPS and len(rows) == 2 * len(steps)
   assert all(math.isfinite(float(r["fid"])) and math.isfinite(float(r["is_mean"]))
              for r in rows), rows
-  assert "2 process(es)" in sweep_log and "Traceback" not in sweep_log
+  assert "2 process(es)" in sweep_log, sweep_log[-3000:]
+  at = sweep_log.find("Traceback")
+  assert at < 0, f"a traceback in the sweep's log:\n{sweep_log[max(0, at - 1500):at + 1500]}"
 
 
 def test_slurm_double_submit_refused_then_sigterm_requeue_resume(repo, data_dir, tmp_path):
