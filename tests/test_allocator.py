@@ -78,3 +78,16 @@ def test_the_command_wrapper_runs_a_command_under_the_same_rule(tmp_path):
                           check=False)
     assert proc.returncode == 3, proc.stderr
     assert ("jemalloc" in proc.stdout) == preloaded
+
+
+def test_a_jemalloc_preloaded_without_page_retention_is_named_with_the_fix(monkeypatch):
+  assert allocator.retains_freed_pages(allocator.MALLOC_CONF)
+  assert allocator.retains_freed_pages(f"{allocator.MALLOC_CONF},narenas:2")
+  assert not allocator.retains_freed_pages("")
+  assert not allocator.retains_freed_pages(f"{allocator.MALLOC_CONF},dirty_decay_ms:1000")
+  maps = f"7f00-7f01 r-xp 0 08:01 1 {JEMALLOC}\n"
+  monkeypatch.setenv("MALLOC_CONF", allocator.MALLOC_CONF)
+  assert allocator.in_use(maps) == f"jemalloc (MALLOC_CONF={allocator.MALLOC_CONF})"
+  monkeypatch.setenv("MALLOC_CONF", "narenas:2")
+  message = allocator.in_use(maps)
+  assert "returning freed pages" in message and f"add {allocator.MALLOC_CONF}" in message
