@@ -124,7 +124,8 @@ def reexec_with_jemalloc() -> None:
 
 
 def in_use(maps: str | None = None) -> str:
-  """One line for the log: which malloc this process runs, and how to get jemalloc if not.
+  """One line for the log: which malloc this process runs; on a CPU host, how to get
+  jemalloc if it is missing, or the MALLOC_CONF to add if a preloaded one lacks ours.
 
   Args:
     maps: the text of /proc/self/maps (the libraries loaded); read when None.
@@ -140,7 +141,7 @@ def in_use(maps: str | None = None) -> str:
       if name != "jemalloc":
         return name
       conf = os.environ.get("MALLOC_CONF", "")
-      if retains_freed_pages(conf):
+      if retains_freed_pages(conf) or accelerator_present(os.environ):
         return f"jemalloc (MALLOC_CONF={conf})"
       # A jemalloc the user preloaded without our options: it returns XLA's buffers.
       return (f"jemalloc (MALLOC_CONF={conf}), returning freed pages to the system, so "

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import logging as logging_std
+import contextlib
+import logging as std_logging
+import os
 import sys
 import threading
+import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -38,59 +42,89 @@ def saved_steps(workdir: str) -> list[int]:
   return sorted(int(p.name) for p in steps)
 
 
-class _AbandonedReads(logging_std.Filter):
+class _AbandonedReads(std_logging.Filter):
   """Keeps the late echoes of a failed read-only restore out of the log.
 
   When one array of a step cannot be read (training deleted the step meanwhile), Orbax's
   restore raises at once while its other reads are still in flight on TensorStore's
   threads. Each of them fails later and prints a traceback of its own, in one of three
-  ways: an exception inside Orbax's abandoned read coroutine, or "Event loop is closed"
-  when its result comes back to the asyncio loop the restore already closed (both through
+  ways: an exception inside Orbax's abandoned coroutine, or "Event loop is closed" when
+  its result comes back to the asyncio loop the restore already closed (both through
   ``sys.unraisablehook``), or asyncio's "Task exception was never retrieved" for an Orbax
-  task (through the "asyncio" logger). The failure itself is raised as CheckpointError,
-  so in a process that reads checkpoints read-only these echoes are counted in a debug
-  line instead (armed before the first read: echoes can arrive before the error is
-  raised); every other unraisable exception and asyncio record goes where it went before.
+  task (through the "asyncio" logger). The failure itself is raised as CheckpointError, so
+  while a read-only restore runs and for ECHO_SECONDS after one failed (echoes can come
+  before the error is raised, and after), these three are counted in a debug line.
+  Everything else, and these too at any other time, goes where it went before.
   """
+
+  ECHO_SECONDS = 60.0
 
   def __init__(self):
     super().__init__()
     self._lock = threading.Lock()
-    self._previous_hook = sys.unraisablehook
+    self._previous_hook = None  # the process's hook before ours, set once by install()
+    self._reading = 0  # read-only restores running now
+    self._quiet_until = 0.0  # time.monotonic() until which a failed restore may echo
     self.ignored = 0
 
-  def arm(self) -> None:
-    """From now on echoes are ignored; idempotent."""
+  def install(self) -> None:
+    """Puts the filters in place, once per process; they act only around a failure."""
     with self._lock:
-      # Checked each time: a test harness may have put its own hook back meanwhile.
-      if sys.unraisablehook != self._unraisable_hook:
+      if self._previous_hook is None:
         self._previous_hook = sys.unraisablehook
         sys.unraisablehook = self._unraisable_hook
-      logging_std.getLogger("asyncio").addFilter(self)
+        std_logging.getLogger("asyncio").addFilter(self)
+
+  @contextlib.contextmanager
+  def reading(self) -> Iterator[None]:
+    """Wraps one read-only restore."""
+    with self._lock:
+      self._reading += 1
+    try:
+      yield
+    except Exception:
+      with self._lock:
+        self._quiet_until = time.monotonic() + self.ECHO_SECONDS
+      raise
+    finally:
+      with self._lock:
+        self._reading -= 1
+
+  def _expecting_echoes(self) -> bool:
+    with self._lock:
+      return self._reading > 0 or time.monotonic() < self._quiet_until
 
   @staticmethod
-  def is_echo(unraisable) -> bool:
+  def _is_echo(unraisable: Any) -> bool:
+    """Whether a sys.unraisablehook argument is one of an abandoned read's two echoes."""
     error, source = unraisable.exc_value, unraisable.object
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
       return "call_soon_threadsafe" in _frame_names(unraisable.exc_traceback)
     return (isinstance(source, types.CoroutineType)
-            and "orbax" in source.cr_code.co_filename)
+            and f"{os.sep}orbax{os.sep}" in source.cr_code.co_filename)
 
   def _ignore(self, kind: str) -> None:
-    self.ignored += 1
+    with self._lock:
+      self.ignored += 1
+      count = self.ignored
     logging.debug("Ignored a late error of an abandoned checkpoint read (%d so far): %s",
-                  self.ignored, kind)
+                  count, kind)
 
-  def _unraisable_hook(self, unraisable) -> None:
-    if self.is_echo(unraisable):
+  def _unraisable_hook(self, unraisable: Any) -> None:
+    try:
+      echo = self._expecting_echoes() and self._is_echo(unraisable)
+    except Exception:  # never lose the report because the check itself failed
+      echo = False
+    if echo:
       self._ignore(type(unraisable.exc_value).__name__)
     else:
       self._previous_hook(unraisable)
 
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    """For the asyncio logger: False (drop) for an abandoned Orbax read task."""
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    """For the asyncio logger: False (drop) for an abandoned Orbax task's record."""
     message = record.getMessage()
-    if message.startswith("Task exception was never retrieved") and "orbax" in message:
+    if (message.startswith("Task exception was never retrieved")
+        and f"{os.sep}orbax{os.sep}" in message and self._expecting_echoes()):
       self._ignore("task exception never retrieved")
       return False
     return True
@@ -116,11 +150,12 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     self.directory = files.path(workdir) / "checkpoints"
+    self._read_only = read_only
     if read_only and not self.directory.is_dir():
       raise CheckpointError(f"no checkpoint in {self.directory}; train first with "
                             "--mode=train or point --workdir at a trained run.")
     if read_only:
-      _abandoned_reads.arm()  # a reader beside training: a step can vanish mid-read
+      _abandoned_reads.install()  # a reader beside training: a step can vanish mid-read
       # Each process reads on its own, with none of Orbax's cross-process barriers: beside
       # a live training job one process can fail to read a step that training just
       # deleted while the others read it, and a barrier the failed process skips would
@@ -154,8 +189,9 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}; train first with "
                             "--mode=train or point --workdir at a trained run.")
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      with _abandoned_reads.reading() if self._read_only else contextlib.nullcontext():
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax raises many types for damaged or mismatched files.
       raise CheckpointError(
           f"checkpoint {self.directory / str(step)} cannot be restored "

@@ -89,5 +89,8 @@ def test_a_jemalloc_preloaded_without_page_retention_is_named_with_the_fix(monke
   monkeypatch.setenv("MALLOC_CONF", allocator.MALLOC_CONF)
   assert allocator.in_use(maps) == f"jemalloc (MALLOC_CONF={allocator.MALLOC_CONF})"
   monkeypatch.setenv("MALLOC_CONF", "narenas:2")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   message = allocator.in_use(maps)
   assert "returning freed pages" in message and f"add {allocator.MALLOC_CONF}" in message
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")  # measured on CPU hosts only: no advice
+  assert allocator.in_use(maps) == "jemalloc (MALLOC_CONF=narenas:2)"
