@@ -94,3 +94,32 @@ def test_a_jemalloc_preloaded_without_page_retention_is_named_with_the_fix(monke
   assert "returning freed pages" in message and f"add {allocator.MALLOC_CONF}" in message
   monkeypatch.setenv("JAX_PLATFORMS", "tpu")  # measured on CPU hosts only: no advice
   assert allocator.in_use(maps) == "jemalloc (MALLOC_CONF=narenas:2)"
+
+
+def test_make_jemalloc_tries_apt_once_and_then_says_how_to_retry(tmp_path):
+  """`make setup` runs the jemalloc target every time: after a failed install (offline,
+  no sudo) it must not run apt-get again on each `make run`."""
+  bin_dir, calls = tmp_path / "bin", tmp_path / "apt_calls"
+  bin_dir.mkdir()
+  (bin_dir / "ldconfig").write_text("#!/bin/sh\nexit 0\n")  # lists no libjemalloc
+  (bin_dir / "apt-get").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 100\n")
+  for tool in ("ldconfig", "apt-get"):
+    (bin_dir / tool).chmod(0o755)
+  venv = tmp_path / "venv"
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def make_jemalloc() -> str:
+    proc = subprocess.run(["make", "-s", "-C", root, "jemalloc", f"VENV={venv}", "SUDO="],
+                          env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+  assert "jemalloc not installed" in make_jemalloc()
+  assert calls.read_text().splitlines() == ["update -qq"]
+  second = make_jemalloc()
+  assert "not tried again" in second and f"rm {venv}/.jemalloc-install-failed" in second
+  assert calls.read_text().splitlines() == ["update -qq"]
+  (venv / ".jemalloc-install-failed").unlink()
+  make_jemalloc()
+  assert calls.read_text().splitlines() == ["update -qq", "update -qq"]
