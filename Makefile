@@ -35,14 +35,15 @@ data:
 
 # jemalloc, which cfgdiff.main preloads on CPU hosts (training 1.1-1.3x faster,
 # cfgdiff/allocator.py). Optional: without apt the job runs on the C library's malloc, and
-# after a failed install (offline, no sudo) later runs do not try again until the marker goes.
+# after a failed install (offline, no sudo) later runs do not try again until the marker
+# (in .venv, so a new venv tries again) is removed.
 JEMALLOC_FAILED := $(VENV)/.jemalloc-install-failed
 jemalloc:
 	@{ ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | grep -q libjemalloc.so.2 || ! command -v apt-get >/dev/null || \
-	  { [ -f $(JEMALLOC_FAILED) ] && echo "jemalloc: not installed, not tried again (rm $(JEMALLOC_FAILED) to retry)"; } || { \
+	  { [ -f "$(JEMALLOC_FAILED)" ] && echo "jemalloc: not installed, not tried again (rm $(JEMALLOC_FAILED) to retry)"; } || { \
 	  echo "Installing jemalloc (Debian package libjemalloc2)"; \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libjemalloc2; } || \
-	  { mkdir -p $(VENV) && touch $(JEMALLOC_FAILED); \
+	  { mkdir -p "$(VENV)" && touch "$(JEMALLOC_FAILED)"; \
 	    echo "jemalloc not installed: CPU training will run on the C library's malloc"; }; }
 
 setup: $(VENV)/.installed data jemalloc

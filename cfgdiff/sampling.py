@@ -80,7 +80,11 @@ class CheckpointSampler:
 
   def load(self, step: int | None = None) -> None:
     """Samples from checkpoint ``step`` (the latest when None) from now on."""
-    state, _ = checkpoint.Checkpointer(self.workdir, read_only=True).restore(self._target, step)
+    reader = checkpoint.Checkpointer(self.workdir, read_only=True)
+    try:
+      state, _ = reader.restore(self._target, step)
+    finally:
+      reader.close()  # a polling sweep loads many times: no manager left behind each time
     self.params, self.step = state.ema_params, int(state.step)
 
   def _sample_fn(self, spec: samplers.SamplerSpec):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from cfgdiff import allocator
+from tests.conftest import ROOT
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
@@ -98,28 +99,34 @@ def test_a_jemalloc_preloaded_without_page_retention_is_named_with_the_fix(monke
 
 def test_make_jemalloc_tries_apt_once_and_then_says_how_to_retry(tmp_path):
   """`make setup` runs the jemalloc target every time: after a failed install (offline,
-  no sudo) it must not run apt-get again on each `make run`."""
-  bin_dir, calls = tmp_path / "bin", tmp_path / "apt_calls"
+  no sudo) it must not run apt-get again on each `make run`; a successful one leaves no
+  marker."""
+  bin_dir, calls, outcome = tmp_path / "bin", tmp_path / "apt_calls", tmp_path / "apt_exit"
   bin_dir.mkdir()
   (bin_dir / "ldconfig").write_text("#!/bin/sh\nexit 0\n")  # lists no libjemalloc
-  (bin_dir / "apt-get").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 100\n")
+  (bin_dir / "apt-get").write_text(
+      f"#!/bin/sh\necho \"$@\" >> {calls}\nexit $(cat {outcome})\n")
   for tool in ("ldconfig", "apt-get"):
     (bin_dir / tool).chmod(0o755)
-  venv = tmp_path / "venv"
-  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  venv, marker = tmp_path / "venv", tmp_path / "venv" / ".jemalloc-install-failed"
+  env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+  env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
 
-  def make_jemalloc() -> str:
-    proc = subprocess.run(["make", "-s", "-C", root, "jemalloc", f"VENV={venv}", "SUDO="],
+  def make_jemalloc(apt_exit: int) -> str:
+    outcome.write_text(str(apt_exit))
+    # SUDO= on the command line overrides the Makefile's: no sudo, root or not.
+    proc = subprocess.run(["make", "-s", "-C", ROOT, "jemalloc", f"VENV={venv}", "SUDO="],
                           env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stderr  # never fails the set-up
     return proc.stdout
 
-  assert "jemalloc not installed" in make_jemalloc()
+  assert "jemalloc not installed" in make_jemalloc(apt_exit=100)
+  assert calls.read_text().splitlines() == ["update -qq"] and marker.exists()
+  second = make_jemalloc(apt_exit=0)
+  assert "not tried again" in second and f"rm {marker} to retry" in second
   assert calls.read_text().splitlines() == ["update -qq"]
-  second = make_jemalloc()
-  assert "not tried again" in second and f"rm {venv}/.jemalloc-install-failed" in second
-  assert calls.read_text().splitlines() == ["update -qq"]
-  (venv / ".jemalloc-install-failed").unlink()
-  make_jemalloc()
-  assert calls.read_text().splitlines() == ["update -qq", "update -qq"]
+  marker.unlink()
+  assert "not installed" not in make_jemalloc(apt_exit=0)
+  assert calls.read_text().splitlines() == ["update -qq", "update -qq",
+                                            "install -y -qq libjemalloc2"]
+  assert not marker.exists()
