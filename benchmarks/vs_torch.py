@@ -76,7 +76,7 @@ def jax_worker(variant: dict) -> dict:
   split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   z, logsnr, label, w = (jax.device_put(a, split) for a in (
       rng.normal(size=(batch, size, size, 1)).astype(np.float32), np.ones(batch, np.float32),
-      (np.arange(batch) % 10).astype(np.int32), np.ones(batch, np.float32)))
+      (np.arange(batch) % config.data.num_classes).astype(np.int32), np.ones(batch, np.float32)))
 
   def guided(params, z, logsnr, label, w):
     eps_fn = lambda z, l, y: model.apply({"params": params}, z, l, y)
@@ -111,7 +111,7 @@ def torch_worker(model_name: str, steps: int) -> dict:
       config.diffusion.p_uncond), steps)}
   net, generator = common.torch_network(config), torch.Generator().manual_seed(0)
   z = torch.randn((batch, 1, size, size), generator=generator)
-  logsnr, w, label = torch.ones(batch), torch.ones(batch), torch.arange(batch) % 10
+  logsnr, w, label = torch.ones(batch), torch.ones(batch), torch.arange(batch) % classes
   with torch.inference_mode():
     out["eval_s"] = common.best_time(lambda: guided_eps(net, z, logsnr, label, w, 10, False), steps)
   a = torch.ones(MATMUL, MATMUL)

@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +41,9 @@ def saved_steps(workdir: str) -> list[int]:
     # with commit_success.txt instead of renaming a temporary folder.
     steps = [p for p in steps if (p / "commit_success.txt").exists()]
   return sorted(int(p.name) for p in steps)
+
+
+_ORBAX = f"{os.sep}orbax{os.sep}"  # in the path of Orbax's source files
 
 
 class _AbandonedReads(std_logging.Filter):
@@ -103,9 +107,9 @@ class _AbandonedReads(std_logging.Filter):
     """Whether a sys.unraisablehook argument is one of an abandoned read's two echoes."""
     error, source = unraisable.exc_value, unraisable.object
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-      return "call_soon_threadsafe" in _frame_names(unraisable.exc_traceback)
-    return (isinstance(source, types.CoroutineType)
-            and f"{os.sep}orbax{os.sep}" in source.cr_code.co_filename)
+      return any(frame.f_code.co_name == "call_soon_threadsafe"
+                 for frame, _ in traceback.walk_tb(unraisable.exc_traceback))
+    return isinstance(source, types.CoroutineType) and _ORBAX in source.cr_code.co_filename
 
   def _ignore(self, kind: str) -> None:
     with self._lock:
@@ -128,18 +132,10 @@ class _AbandonedReads(std_logging.Filter):
     """For the asyncio logger: False (drop) for an abandoned Orbax task's record."""
     message = record.getMessage()
     if (message.startswith("Task exception was never retrieved")
-        and f"{os.sep}orbax{os.sep}" in message and self._expecting_echoes()):
+        and _ORBAX in message and self._expecting_echoes()):
       self._ignore("task exception never retrieved")
       return False
     return True
-
-
-def _frame_names(traceback: types.TracebackType | None) -> list[str]:
-  names = []
-  while traceback is not None:
-    names.append(traceback.tb_frame.f_code.co_name)
-    traceback = traceback.tb_next
-  return names
 
 
 _abandoned_reads = _AbandonedReads()
