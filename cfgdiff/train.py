@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,19 +34,43 @@ Array = jnp.ndarray
 PyTree = Any
 
 
+def flat_allreduce_applies(config: ml_collections.ConfigDict, mesh: Mesh) -> bool:
+  """Whether the train step sums the devices' gradients as one flat vector (see
+  `make_train_step`): on CPU meshes of several devices, parameters replicated (no 'fsdp'
+  split) and no dropout, where it computes what the SPMD step computes."""
+  on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+  return (on_cpu and mesh.size > 1 and mesh.shape["fsdp"] == 1
+          and config.model.dropout == 0.0)
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: UNet,
-                    optimizer: optax.GradientTransformation,
-                    mesh: Mesh) -> Callable[[build.TrainState, dict[str, Array]], tuple]:
+                    optimizer: optax.GradientTransformation, mesh: Mesh,
+                    flat_allreduce: bool | None = None,
+                    ) -> Callable[[build.TrainState, dict[str, Array]], tuple]:
   """Builds train_step(state, batch) -> (state, metrics) (not yet jitted).
 
   ``batch`` holds 'image' float32 [B,H,W,C] in [-1, 1] and 'label' int32 [B].
   With train.microbatch_size > 0 the gradient is accumulated over micro-batches: the
   same gradient up to rounding in less memory (on one CPU device it was also 1.4x
   faster; with one device per core it was not, see BENCHMARKS.md).
+
+  With ``flat_allreduce`` (default: `flat_allreduce_applies`) each device computes the
+  gradient of its part of the batch (`jax.shard_map`) and the devices average all of it
+  in one all-reduce of one flat vector. Otherwise XLA's SPMD partitioner reduces each
+  gradient array, in one all-reduce of a tuple of ~200 arrays that XLA:CPU runs array by
+  array: 1.12x slower on the Fashion-MNIST step on 2 devices, 2.3x across 2 processes
+  (BENCHMARKS.md). It needs replicated parameters, and no dropout: the SPMD step draws the
+  dropout masks for the global batch, which a device's part of the step cannot.
   """
   dc, tc = config.diffusion, config.train
   num_micro = tc.batch_size // tc.microbatch_size if tc.microbatch_size else 1
   micro_sharding = NamedSharding(mesh, P(None, build.MESH_AXES))
+  if flat_allreduce is None:
+    flat_allreduce = flat_allreduce_applies(config, mesh)
+  elif flat_allreduce and (mesh.shape["fsdp"] > 1 or config.model.dropout > 0.0):
+    raise ValueError("The flat gradient all-reduce needs replicated parameters "
+                     f"(mesh fsdp=1, not {mesh.shape['fsdp']}) and "
+                     f"config.model.dropout=0 (not {config.model.dropout}).")
 
   def loss_and_grad(params, noised, dropout_rng):
     def loss_fn(p):
@@ -54,11 +79,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
       return diffusion.eps_loss(eps_pred, noised["eps"])
     return jax.value_and_grad(loss_fn)(params)
 
-  def accumulated_loss_and_grad(params, noised, dropout_rng):
+  def accumulated_loss_and_grad(params, noised, dropout_rng, global_view=True):
     if num_micro == 1:
       return loss_and_grad(params, noised, dropout_rng)
-    split = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
-        a.reshape((num_micro, -1) + a.shape[1:]), micro_sharding), noised)
+    split = jax.tree.map(lambda a: a.reshape((num_micro, -1) + a.shape[1:]), noised)
+    if global_view:  # outside shard_map: keep every micro-batch split over the devices
+      split = jax.lax.with_sharding_constraint(split, micro_sharding)
     # Unrolled on purpose: XLA:CPU runs convolutions inside a while loop (lax.scan)
     # about 30x slower than straight-line code (BENCHMARKS.md).
     total = None
@@ -69,12 +95,25 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
     loss, grads = total
     return jax.tree.map(lambda x: x / num_micro, (loss, grads))
 
+  def flat_reduced_loss_and_grad(params, noised, dropout_rng):
+    def per_device(params, noised):  # this device's part of the batch
+      loss, grads = accumulated_loss_and_grad(params, noised, dropout_rng, global_view=False)
+      flat, unravel = ravel_pytree(grads)
+      # Equal parts, so the mean of the parts' means is the batch mean.
+      loss, flat = jax.lax.pmean((loss, flat), build.MESH_AXES)
+      return loss, unravel(flat)
+    # check_vma=False: with it, shard_map would differentiate the replicated parameters
+    # as such, summing their gradients over devices itself, array by array.
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), build.BATCH),
+                         out_specs=P(), check_vma=False)(params, noised)
+
   def train_step(state: build.TrainState, batch: dict[str, Array]):
     rng_noise, rng_dropout = jax.random.split(jax.random.fold_in(state.rng, state.step))
     noised = diffusion.noise_batch(
         rng_noise, batch["image"], batch["label"], p_uncond=dc.p_uncond,
         num_classes=config.data.num_classes, logsnr_min=dc.logsnr_min, logsnr_max=dc.logsnr_max)
-    loss, grads = accumulated_loss_and_grad(state.params, noised, rng_dropout)
+    loss_and_grads = flat_reduced_loss_and_grad if flat_allreduce else accumulated_loss_and_grad
+    loss, grads = loss_and_grads(state.params, noised, rng_dropout)
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -99,11 +138,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
 
 
 def compile_train_step(config: ml_collections.ConfigDict, model: UNet,
-                       optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
+                       optimizer: optax.GradientTransformation, mesh: Mesh,
+                       flat_allreduce: bool | None = None) -> Callable:
   """`make_train_step` jitted with explicit shardings: the state as `build.state_shardings`,
   the batch split over every device, the state's buffers donated."""
   state = build.state_shardings(config, model, optimizer, mesh)
-  return jax.jit(make_train_step(config, model, optimizer, mesh),
+  return jax.jit(make_train_step(config, model, optimizer, mesh, flat_allreduce),
                  in_shardings=(state, NamedSharding(mesh, build.BATCH)),
                  out_shardings=(state, NamedSharding(mesh, P())), donate_argnums=0)
 

@@ -70,17 +70,21 @@ def test_non_finite_update_is_skipped_and_counted(compiled):
     np.testing.assert_array_equal(a, b)
 
 
-def _run_steps(data_dir: str, out: str, devices: int, fsdp: int = 1) -> dict:
+def _run_steps(data_dir: str, out: str, devices: int, fsdp: int = 1,
+               variant: str = "default") -> dict:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              TF_CPP_MIN_LOG_LEVEL="3")
-  subprocess.run([sys.executable, "-m", "tests.run_steps", data_dir, out, "4", str(fsdp)],
-                 cwd=ROOT, env=env, check=True, timeout=600)
+  subprocess.run([sys.executable, "-m", "tests.run_steps", data_dir, out, "4", str(fsdp),
+                  variant], cwd=ROOT, env=env, check=True, timeout=600)
   return dict(np.load(out))
 
 
+_NOT_STATE = {"devices", "losses", "grad_norms", "held", "allreduce_widths"}
+
+
 def _largest_difference(a: dict, b: dict) -> float:
-  params = [k for k in a if k not in ("devices", "losses", "held")]
-  assert set(params) == set(b) - {"devices", "losses", "held"} and len(params) > 10
+  params = [k for k in a if k not in _NOT_STATE]
+  assert set(params) == set(b) - _NOT_STATE and len(params) > 10
   return max(float(np.max(np.abs(a[k] - b[k]))) for k in params)
 
 
@@ -115,6 +119,39 @@ def test_fsdp_sharded_step_equals_replicated_step(synthetic_data, eight_replicat
   np.testing.assert_allclose(sharded["losses"], replicated["losses"], rtol=1e-5)
   worst = _largest_difference(replicated, sharded)
   assert worst < 1e-4, f"largest parameter difference {worst}"
+
+
+def test_flat_gradient_allreduce_equals_spmd_step(synthetic_data, tmp_path):
+  """The CPU step that sums the devices' gradients as one flat vector computes what XLA's
+  SPMD step computes (micro-batches included), and sums them in one all-reduce."""
+  flat = _run_steps(synthetic_data, str(tmp_path / "flat.npz"), 4, variant="flat")
+  spmd = _run_steps(synthetic_data, str(tmp_path / "spmd.npz"), 4, variant="spmd")
+  # The loss and one all-reduce of the flat gradient; the SPMD step sums every array.
+  assert sorted(flat["allreduce_widths"]) == [2], flat["allreduce_widths"]
+  assert sum(spmd["allreduce_widths"]) > 20, spmd["allreduce_widths"]
+  np.testing.assert_allclose(flat["losses"], spmd["losses"], rtol=1e-6)
+  # Adam's update does not see the gradient's scale: a gradient summed instead of averaged
+  # over devices would show here only.
+  np.testing.assert_allclose(flat["grad_norms"], spmd["grad_norms"], rtol=1e-5)
+  worst = _largest_difference(flat, spmd)  # 1e-4: see test_eight_devices_equal_one_device
+  assert worst < 1e-4, f"largest parameter difference {worst}"
+  assert float(np.std(flat["losses"])) > 0
+
+
+def test_flat_gradient_allreduce_is_chosen_only_where_it_is_exact(synthetic_data):
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  devices = np.array(jax.devices() * 2)  # a 2-device mesh: only the shape is consulted
+  two = jax.sharding.Mesh(devices.reshape(2, 1), build.MESH_AXES)
+  split = jax.sharding.Mesh(devices.reshape(1, 2), build.MESH_AXES)
+  assert not train.flat_allreduce_applies(config, two)  # the tiny config has dropout
+  config.model.dropout = 0.0
+  assert train.flat_allreduce_applies(config, two)
+  assert not train.flat_allreduce_applies(config, split)
+  assert not train.flat_allreduce_applies(config, build.make_mesh())  # one device
+  with pytest.raises(ValueError, match="fsdp=1"):
+    train.make_train_step(config, build.make_model(config),
+                          build.make_optimizer(config.train), split, flat_allreduce=True)
 
 
 def _final_state(workdir: str, step: int, data_dir: str) -> build.TrainState:
