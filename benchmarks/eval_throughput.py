@@ -57,7 +57,7 @@ def main() -> None:
     rows.append([f"FID / precision-recall, {n} x {dim}-d features",
                  f"{fid_s:.1f} s / {time.perf_counter() - t0:.1f} s"])
   rows.append(["peak RSS of this process",
-               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB"])
+               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"])
   for row in rows:
     print(" | ".join(row))
   if not args.no_write:
