@@ -43,11 +43,6 @@ def worker(variant: dict) -> dict:
   t0 = time.time()
   compiled = step.lower(state, batch).compile()
   compile_s = time.time() - t0
-  counted = compiled
-  if train.flat_allreduce_applies(config, mesh):  # XLA's cost analysis miscounts shard_map
-    counted = train.compile_train_step(config, model, optimizer, mesh, flat_allreduce=False
-                                       ).lower(state, batch).compile()  # (vs_torch.py)
-  flops = (counted.cost_analysis() or {}).get("flops", float("nan"))
   memory = compiled.memory_analysis()
   # Per device: the step's arguments (state and batch) and its temporaries.
   state_gib = memory.argument_size_in_bytes / 2**30 if memory else float("nan")
@@ -61,11 +56,18 @@ def worker(variant: dict) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.time() - t0)
   step_s = float(np.median(times))
+  peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  counted = compiled  # compiled after the peak memory is read: the real job never does
+  if train.flat_allreduce_applies(config, mesh):
+    # XLA's cost analysis counts the flat step's shard_map body differently (vs_torch.py).
+    counted = train.compile_train_step(config, model, optimizer, mesh, flat_allreduce=False
+                                       ).lower(state, batch).compile()
+  flops = (counted.cost_analysis() or {}).get("flops", float("nan"))
   params = sum(x.size for x in jax.tree.leaves(state.params))
   return {"images_per_s": config.train.batch_size / step_s, "step_s": step_s,
           "gflops_per_s": flops / step_s / 1e9, "gflop_per_step": flops / 1e9,
           "compile_s": compile_s, "params_m": params / 1e6,
-          "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+          "peak_rss_gib": peak_rss_gib,
           "devices": jax.device_count(), "dropout": config.model.dropout,
           "dtype": config.model.dtype, "mesh": list(mesh.devices.shape),
           "args_gib": state_gib, "temp_gib": temp_gib,

@@ -9,7 +9,8 @@ instead of the flat one (train.flat_allreduce_applies), and one guided evaluatio
 passes of B); JAX jitted with one XLA device per core, PyTorch eager with one thread per
 core, both on the same network with the same initial weights. GFLOP/s use XLA's count of the
 step's floating-point operations for both frameworks and are set against each framework's
-own measured matmul peak (2048^3, all cores). Each JAX variant runs in a fresh process (the
+own measured matmul peak (2048^3, all cores); the training FLOPs are counted on the faster
+step compiled with XLA's SPMD all-reduce. Each JAX variant runs in a fresh process (the
 device count is fixed at JAX import), and PyTorch runs in its own processes, once under the
 C library's malloc (as `python` starts) and once under jemalloc (as `cfgdiff.main` runs JAX
 on a CPU host).
@@ -78,15 +79,19 @@ def jax_worker(variant: dict) -> dict:
   time_alternately(steps)
   faster = min(steps, key=lambda name: out[f"{name}_s"])  # what "auto" keeps
   out["train_s"] = out[f"{faster}_s"]
-  # The same step with the gradients summed by XLA's SPMD all-reduce of every array (what
-  # train.flat_allreduce_applies replaces on CPU), timed against the faster step again.
-  spmd = train.compile_train_step(config, model.clone(kernel_grad_taps=faster == "train_taps"),
-                                  optimizer, mesh, flat_allreduce=False
-                                  ).lower(state, images).compile()
-  time_alternately({"train_flat": steps[faster], "train_spmd": spmd})
-  # FLOPs from the SPMD step: XLA's cost analysis does not count a shard_map body like the
-  # rest (the flat step's count is 13% higher, its bytes 6.8x, for the same arithmetic).
-  out["train_flops"] = spmd.cost_analysis()["flops"] * jax.device_count()
+  counted = steps[faster]
+  out["flat_applies"] = train.flat_allreduce_applies(config, mesh)
+  if out["flat_applies"]:
+    # The same step with the gradients summed by XLA's SPMD all-reduce of every array
+    # (what the flat all-reduce replaces on CPU), timed against the faster step again.
+    counted = train.compile_train_step(
+        config, model.clone(kernel_grad_taps=faster == "train_taps"), optimizer, mesh,
+        flat_allreduce=False).lower(state, images).compile()
+    time_alternately({"train_flat": steps[faster], "train_spmd": counted})
+  # FLOPs of the faster step as XLA's SPMD partitioner compiles it, for every training row:
+  # XLA's cost analysis counts a shard_map body differently (the flat step's count is 13%
+  # higher, its bytes 6.8x, while it runs faster).
+  out["train_flops"] = counted.cost_analysis()["flops"] * jax.device_count()
 
   split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   z, logsnr, label, w = (jax.device_put(a, split) for a in (
@@ -169,6 +174,7 @@ def main() -> None:
     torch_r = {malloc: common.run_variant("benchmarks.vs_torch", torch_variant, cores,
                                           malloc=malloc) for malloc in ("system", "jemalloc")}
     label = f"{model_name}, {MODELS[model_name][1]}"
+    flat_rows = ("train_flat", "train_spmd") if jax_r["flat_applies"] else ()
     for what, key in (("training step (the faster kernel gradient, as 'auto' trains)", "train"),
                       ("guided evaluation", "eval"), ("training step, conv.py's tap products",
                                                       "train_taps"),
@@ -177,6 +183,8 @@ def main() -> None:
                        "vector (timed against the next row)", "train_flat"),
                       ("the same, summed by XLA's SPMD all-reduce of every array",
                        "train_spmd")):
+      if key.startswith(("train_flat", "train_spmd")) and key not in flat_rows:
+        continue
       torch_key = "eval" if key == "eval" else "train"
       jax_s = jax_r[f"{key}_s"]
       glibc_s, jemalloc_s = (torch_r[m][f"{torch_key}_s"] for m in ("system", "jemalloc"))

@@ -35,7 +35,7 @@ PyTree = Any
 
 
 def flat_allreduce_applies(config: ml_collections.ConfigDict, mesh: Mesh) -> bool:
-  """Whether the train step sums the devices' gradients as one flat vector (see
+  """Whether the train step averages the devices' gradients as one flat vector (see
   `make_train_step`): on CPU meshes of several devices, parameters replicated (no 'fsdp'
   split) and no dropout, where it computes what the SPMD step computes."""
   on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
@@ -58,8 +58,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   gradient of its part of the batch (`jax.shard_map`) and the devices average all of it
   in one all-reduce of one flat vector. Otherwise XLA's SPMD partitioner reduces each
   gradient array, in one all-reduce of a tuple of ~200 arrays that XLA:CPU runs array by
-  array: 1.12x slower on the Fashion-MNIST step on 2 devices, 2.3x across 2 processes
-  (BENCHMARKS.md). It needs replicated parameters, and no dropout: the SPMD step draws the
+  array: 1.05-1.10x slower on the Fashion-MNIST step on 2 devices, 2.1-2.3x across 2
+  processes (BENCHMARKS.md). It needs replicated parameters, and no dropout: the SPMD step draws the
   dropout masks for the global batch, which a device's part of the step cannot.
   """
   dc, tc = config.diffusion, config.train
@@ -79,11 +79,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
       return diffusion.eps_loss(eps_pred, noised["eps"])
     return jax.value_and_grad(loss_fn)(params)
 
-  def accumulated_loss_and_grad(params, noised, dropout_rng, global_view=True):
+  def accumulated_loss_and_grad(params, noised, dropout_rng, in_shard_map=False):
     if num_micro == 1:
       return loss_and_grad(params, noised, dropout_rng)
     split = jax.tree.map(lambda a: a.reshape((num_micro, -1) + a.shape[1:]), noised)
-    if global_view:  # outside shard_map: keep every micro-batch split over the devices
+    if not in_shard_map:  # keep every micro-batch split over the devices
       split = jax.lax.with_sharding_constraint(split, micro_sharding)
     # Unrolled on purpose: XLA:CPU runs convolutions inside a while loop (lax.scan)
     # about 30x slower than straight-line code (BENCHMARKS.md).
@@ -97,7 +97,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
 
   def flat_reduced_loss_and_grad(params, noised, dropout_rng):
     def per_device(params, noised):  # this device's part of the batch
-      loss, grads = accumulated_loss_and_grad(params, noised, dropout_rng, global_view=False)
+      loss, grads = accumulated_loss_and_grad(params, noised, dropout_rng, in_shard_map=True)
       flat, unravel = ravel_pytree(grads)
       # Equal parts, so the mean of the parts' means is the batch mean.
       loss, flat = jax.lax.pmean((loss, flat), build.MESH_AXES)
@@ -112,8 +112,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
     noised = diffusion.noise_batch(
         rng_noise, batch["image"], batch["label"], p_uncond=dc.p_uncond,
         num_classes=config.data.num_classes, logsnr_min=dc.logsnr_min, logsnr_max=dc.logsnr_max)
-    loss_and_grads = flat_reduced_loss_and_grad if flat_allreduce else accumulated_loss_and_grad
-    loss, grads = loss_and_grads(state.params, noised, rng_dropout)
+    grad_fn = flat_reduced_loss_and_grad if flat_allreduce else accumulated_loss_and_grad
+    loss, grads = grad_fn(state.params, noised, rng_dropout)
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -2,10 +2,10 @@
 
   python -m tests.run_steps DATA_DIR OUT.npz [STEPS [FSDP [VARIANT]]]
 
-VARIANT "flat" or "spmd" trains without dropout and with micro-batches of 4, with the
-devices' gradients summed as one flat vector or as XLA's SPMD step sums them; by default
-the tiny config's dropout and the step's own choice. Used by test_train.py to compare
-device counts and steps in fresh processes.
+VARIANT "flat" or "spmd" trains without dropout, with the devices' gradients averaged as
+one flat vector or as XLA's SPMD step averages them; "flat_micro" is "flat" with
+micro-batches of 4. By default: the tiny config's dropout and the step's own choice.
+Used by test_train.py to compare device counts and steps in fresh processes.
 """
 
 import re
@@ -27,9 +27,10 @@ def allreduce_widths(hlo: str) -> list[int]:
 def main(data_dir: str, out: str, steps: int, fsdp: int, variant: str) -> None:
   config = tiny_config.get_config()
   config.data.path = data_dir
-  flat_allreduce = {"default": None, "flat": True, "spmd": False}[variant]
+  flat_allreduce = {"default": None, "flat": True, "flat_micro": True, "spmd": False}[variant]
   if flat_allreduce is not None:
     config.model.dropout = 0.0
+  if variant == "flat_micro":
     config.train.microbatch_size = 4
   mesh = build.make_mesh((-1, fsdp))
   model, optimizer = build.make_model(config), build.make_optimizer(config.train)

@@ -121,11 +121,20 @@ def test_fsdp_sharded_step_equals_replicated_step(synthetic_data, eight_replicat
   assert worst < 1e-4, f"largest parameter difference {worst}"
 
 
-def test_flat_gradient_allreduce_equals_spmd_step(synthetic_data, tmp_path):
-  """The CPU step that sums the devices' gradients as one flat vector computes what XLA's
-  SPMD step computes (micro-batches included), and sums them in one all-reduce."""
-  flat = _run_steps(synthetic_data, str(tmp_path / "flat.npz"), 4, variant="flat")
-  spmd = _run_steps(synthetic_data, str(tmp_path / "spmd.npz"), 4, variant="spmd")
+@pytest.fixture(scope="module")
+def spmd_four_devices(synthetic_data, tmp_path_factory) -> dict:
+  """4 steps of XLA's SPMD step on 4 devices without dropout."""
+  return _run_steps(synthetic_data, str(tmp_path_factory.mktemp("spmd") / "spmd.npz"), 4,
+                    variant="spmd")
+
+
+@pytest.mark.parametrize("variant", ["flat", "flat_micro"])
+def test_flat_gradient_allreduce_equals_spmd_step(synthetic_data, spmd_four_devices, variant,
+                                                  tmp_path):
+  """The CPU step that averages the devices' gradients as one flat vector computes what
+  XLA's SPMD step computes (with and without micro-batches), in one all-reduce."""
+  flat = _run_steps(synthetic_data, str(tmp_path / "flat.npz"), 4, variant=variant)
+  spmd = spmd_four_devices
   # The loss and one all-reduce of the flat gradient; the SPMD step sums every array.
   assert sorted(flat["allreduce_widths"]) == [2], flat["allreduce_widths"]
   assert sum(spmd["allreduce_widths"]) > 20, spmd["allreduce_widths"]
@@ -138,20 +147,24 @@ def test_flat_gradient_allreduce_equals_spmd_step(synthetic_data, tmp_path):
   assert float(np.std(flat["losses"])) > 0
 
 
-def test_flat_gradient_allreduce_is_chosen_only_where_it_is_exact(synthetic_data):
+def test_flat_gradient_allreduce_is_chosen_only_where_it_is_exact():
   from tests import tiny_config
   config = tiny_config.get_config()
-  devices = np.array(jax.devices() * 2)  # a 2-device mesh: only the shape is consulted
+  devices = np.array([jax.devices()[0]] * 2)  # a 2-device mesh: only its shape is read
   two = jax.sharding.Mesh(devices.reshape(2, 1), build.MESH_AXES)
   split = jax.sharding.Mesh(devices.reshape(1, 2), build.MESH_AXES)
+  make = lambda mesh: train.make_train_step(config, build.make_model(config),
+                                            build.make_optimizer(config.train), mesh,
+                                            flat_allreduce=True)
   assert not train.flat_allreduce_applies(config, two)  # the tiny config has dropout
+  with pytest.raises(ValueError, match="dropout=0"):
+    make(two)
   config.model.dropout = 0.0
   assert train.flat_allreduce_applies(config, two)
   assert not train.flat_allreduce_applies(config, split)
-  assert not train.flat_allreduce_applies(config, build.make_mesh())  # one device
+  assert not train.flat_allreduce_applies(config, build.make_mesh(devices=jax.devices()[:1]))
   with pytest.raises(ValueError, match="fsdp=1"):
-    train.make_train_step(config, build.make_model(config),
-                          build.make_optimizer(config.train), split, flat_allreduce=True)
+    make(split)
 
 
 def _final_state(workdir: str, step: int, data_dir: str) -> build.TrainState:
