@@ -88,6 +88,16 @@ def train_setup(config) -> tuple:  # (Mesh, UNet, optax transform, TrainState, d
   return mesh, model, optimizer, state, images
 
 
+def spmd_train_step(config, model, optimizer, mesh, state, batch):  # -> jax.stages.Compiled
+  """The train step compiled with XLA's SPMD gradient all-reduce, whatever the CPU would
+  choose: benchmarks count the step's FLOPs on it, because XLA's cost analysis counts the
+  flat step's shard_map body differently (13% more FLOPs, 6.8x the bytes, while it runs
+  faster; BENCHMARKS.md)."""
+  from cfgdiff import train
+  return train.compile_train_step(config, model, optimizer, mesh, flat_allreduce=False
+                                  ).lower(state, batch).compile()
+
+
 def worker_env(devices: int, extra_xla_flags: str = "", malloc: str = "jemalloc") -> dict:
   """Environment of a benchmark worker process with ``devices`` CPU devices. ``malloc``:
   "jemalloc" preloads it as `cfgdiff.main` does on a CPU host, "system" runs the C

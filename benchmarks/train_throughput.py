@@ -13,6 +13,8 @@ import json
 import resource
 import time
 
+from benchmarks import common
+
 
 def worker(variant: dict) -> dict:
   import jax
@@ -59,9 +61,7 @@ def worker(variant: dict) -> dict:
   peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   counted = compiled  # compiled after the peak memory is read: the real job never does
   if train.flat_allreduce_applies(config, mesh):
-    # XLA's cost analysis counts the flat step's shard_map body differently (vs_torch.py).
-    counted = train.compile_train_step(config, model, optimizer, mesh, flat_allreduce=False
-                                       ).lower(state, batch).compile()
+    counted = common.spmd_train_step(config, model, optimizer, mesh, state, batch)
   flops = (counted.cost_analysis() or {}).get("flops", float("nan"))
   params = sum(x.size for x in jax.tree.leaves(state.params))
   return {"images_per_s": config.train.batch_size / step_s, "step_s": step_s,
@@ -112,7 +112,6 @@ def main() -> None:
     print(json.dumps(worker(json.loads(args.worker))))
     return
 
-  from benchmarks import common
   header = ["model", "devices", "threads/device", "mesh (data, fsdp)", "dtype", "batch",
             "micro-batch", "dropout", "images/s", "step s", "GFLOP/step/device",
             "GFLOP/s/device", "args GiB/device", "temp GiB/device", "peak RSS GiB", "compile s"]

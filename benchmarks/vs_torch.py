@@ -84,13 +84,10 @@ def jax_worker(variant: dict) -> dict:
   if out["flat_applies"]:
     # The same step with the gradients summed by XLA's SPMD all-reduce of every array
     # (what the flat all-reduce replaces on CPU), timed against the faster step again.
-    counted = train.compile_train_step(
-        config, model.clone(kernel_grad_taps=faster == "train_taps"), optimizer, mesh,
-        flat_allreduce=False).lower(state, images).compile()
+    counted = common.spmd_train_step(config, model.clone(kernel_grad_taps=faster == "train_taps"),
+                                     optimizer, mesh, state, images)
     time_alternately({"train_flat": steps[faster], "train_spmd": counted})
-  # FLOPs of the faster step as XLA's SPMD partitioner compiles it, for every training row:
-  # XLA's cost analysis counts a shard_map body differently (the flat step's count is 13%
-  # higher, its bytes 6.8x, while it runs faster).
+  # The FLOPs of every training row: the faster step's, as the SPMD partitioner compiles it.
   out["train_flops"] = counted.cost_analysis()["flops"] * jax.device_count()
 
   split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -174,17 +171,15 @@ def main() -> None:
     torch_r = {malloc: common.run_variant("benchmarks.vs_torch", torch_variant, cores,
                                           malloc=malloc) for malloc in ("system", "jemalloc")}
     label = f"{model_name}, {MODELS[model_name][1]}"
-    flat_rows = ("train_flat", "train_spmd") if jax_r["flat_applies"] else ()
-    for what, key in (("training step (the faster kernel gradient, as 'auto' trains)", "train"),
-                      ("guided evaluation", "eval"), ("training step, conv.py's tap products",
-                                                      "train_taps"),
-                      ("training step, XLA's kernel gradient", "train_xla_conv"),
-                      ("training step, faster kernel gradient, gradients summed as one flat "
-                       "vector (timed against the next row)", "train_flat"),
-                      ("the same, summed by XLA's SPMD all-reduce of every array",
-                       "train_spmd")):
-      if key.startswith(("train_flat", "train_spmd")) and key not in flat_rows:
-        continue
+    measured = [("training step (the faster kernel gradient, as 'auto' trains)", "train"),
+                ("guided evaluation", "eval"),
+                ("training step, conv.py's tap products", "train_taps"),
+                ("training step, XLA's kernel gradient", "train_xla_conv")]
+    if jax_r["flat_applies"]:
+      measured += [("training step, faster kernel gradient, gradients summed as one flat "
+                    "vector (timed against the next row)", "train_flat"),
+                   ("the same, summed by XLA's SPMD all-reduce of every array", "train_spmd")]
+    for what, key in measured:
       torch_key = "eval" if key == "eval" else "train"
       jax_s = jax_r[f"{key}_s"]
       glibc_s, jemalloc_s = (torch_r[m][f"{torch_key}_s"] for m in ("system", "jemalloc"))

@@ -34,13 +34,17 @@ Array = jnp.ndarray
 PyTree = Any
 
 
+def _flat_allreduce_is_exact(config: ml_collections.ConfigDict, mesh: Mesh) -> bool:
+  """Parameters replicated (no 'fsdp' split) and no dropout: there the flat step computes
+  what the SPMD step computes."""
+  return mesh.shape["fsdp"] == 1 and config.model.dropout == 0.0
+
+
 def flat_allreduce_applies(config: ml_collections.ConfigDict, mesh: Mesh) -> bool:
   """Whether the train step averages the devices' gradients as one flat vector (see
-  `make_train_step`): on CPU meshes of several devices, parameters replicated (no 'fsdp'
-  split) and no dropout, where it computes what the SPMD step computes."""
+  `make_train_step`): on CPU meshes of several devices, where that is exact."""
   on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
-  return (on_cpu and mesh.size > 1 and mesh.shape["fsdp"] == 1
-          and config.model.dropout == 0.0)
+  return on_cpu and mesh.size > 1 and _flat_allreduce_is_exact(config, mesh)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: UNet,
@@ -59,15 +63,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   in one all-reduce of one flat vector. Otherwise XLA's SPMD partitioner reduces each
   gradient array, in one all-reduce of a tuple of ~200 arrays that XLA:CPU runs array by
   array: 1.05-1.10x slower on the Fashion-MNIST step on 2 devices, 2.1-2.3x across 2
-  processes (BENCHMARKS.md). It needs replicated parameters, and no dropout: the SPMD step draws the
-  dropout masks for the global batch, which a device's part of the step cannot.
+  processes (BENCHMARKS.md). It needs replicated parameters, and no dropout: the SPMD
+  step draws the dropout masks for the global batch, which a device's part cannot.
   """
   dc, tc = config.diffusion, config.train
   num_micro = tc.batch_size // tc.microbatch_size if tc.microbatch_size else 1
   micro_sharding = NamedSharding(mesh, P(None, build.MESH_AXES))
   if flat_allreduce is None:
     flat_allreduce = flat_allreduce_applies(config, mesh)
-  elif flat_allreduce and (mesh.shape["fsdp"] > 1 or config.model.dropout > 0.0):
+  elif flat_allreduce and not _flat_allreduce_is_exact(config, mesh):
     raise ValueError("The flat gradient all-reduce needs replicated parameters "
                      f"(mesh fsdp=1, not {mesh.shape['fsdp']}) and "
                      f"config.model.dropout=0 (not {config.model.dropout}).")
