@@ -50,14 +50,12 @@ def jax_worker(variant: dict) -> dict:
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from cfgdiff import guidance, train
+  from cfgdiff import train
 
   config = _config(variant["model"])
-  batch, size = config.train.batch_size, config.data.image_size
   mesh, model, optimizer, state, images = common.train_setup(config)
   state = state.replace(params=jax.device_put(common.initial_params(config), jax.tree.map(
       lambda x: x.sharding, state.params)))
-  rng = np.random.default_rng(1)
   steps = {name: train.compile_train_step(config, model.clone(kernel_grad_taps=taps), optimizer,
                                          mesh).lower(state, images).compile()
            for name, taps in (("train_taps", True), ("train_xla_conv", False))}
@@ -90,7 +88,32 @@ def jax_worker(variant: dict) -> dict:
   # The FLOPs of every training row: the faster step's, as the SPMD partitioner compiles it.
   out["train_flops"] = counted.cost_analysis()["flops"] * jax.device_count()
 
+  evaluate, evaluate_once = guided_evaluation(config, model, mesh, state.params)
+  out["eval_flops"] = evaluate.cost_analysis()["flops"] * jax.device_count()
+  out["eval_s"] = common.best_time(evaluate_once, variant["steps"])
+
+  # The matmul peak: one 2048^3 product per device, all devices at once.
   split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  a = jax.device_put(np.ones((jax.device_count() * MATMUL, MATMUL), np.float32), split)
+  b = jax.device_put(np.ones((MATMUL, MATMUL), np.float32), replicated)
+  matmul = jax.jit(jnp.matmul, in_shardings=(split, replicated), out_shardings=split)
+  out["matmul_gflops"] = 2 * jax.device_count() * MATMUL**3 / common.best_time(
+      lambda: jax.block_until_ready(matmul(a, b)), 5) / 1e9
+  return out
+
+
+def guided_evaluation(config, model, mesh, params) -> tuple:  # (Compiled, () -> None)
+  """One guided evaluation (two passes of config.train.batch_size, w = 1) compiled over
+  ``mesh`` with the batch split over its devices, and a call of it that blocks until done."""
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from cfgdiff import guidance
+  batch, size = config.train.batch_size, config.data.image_size
+  split, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  rng = np.random.default_rng(1)
   z, logsnr, label, w = (jax.device_put(a, split) for a in (
       rng.normal(size=(batch, size, size, 1)).astype(np.float32), np.ones(batch, np.float32),
       (np.arange(batch) % config.data.num_classes).astype(np.int32), np.ones(batch, np.float32)))
@@ -101,38 +124,38 @@ def jax_worker(variant: dict) -> dict:
         eps_fn, z, logsnr, label, config.data.num_classes, False), w)
 
   evaluate = jax.jit(guided, in_shardings=(replicated,) + (split,) * 4,
-                     out_shardings=split).lower(state.params, z, logsnr, label, w).compile()
-  out["eval_flops"] = evaluate.cost_analysis()["flops"] * jax.device_count()
-  out["eval_s"] = common.best_time(lambda: jax.block_until_ready(
-      evaluate(state.params, z, logsnr, label, w)), variant["steps"])
+                     out_shardings=split).lower(params, z, logsnr, label, w).compile()
+  return evaluate, lambda: jax.block_until_ready(evaluate(params, z, logsnr, label, w))
 
-  # The matmul peak: one 2048^3 product per device, all devices at once.
-  a = jax.device_put(np.ones((jax.device_count() * MATMUL, MATMUL), np.float32), split)
-  b = jax.device_put(np.ones((MATMUL, MATMUL), np.float32), replicated)
-  matmul = jax.jit(jnp.matmul, in_shardings=(split, replicated), out_shardings=split)
-  out["matmul_gflops"] = 2 * jax.device_count() * MATMUL**3 / common.best_time(
-      lambda: jax.block_until_ready(matmul(a, b)), 5) / 1e9
-  return out
+
+def torch_steps(config) -> tuple:  # (train step, guided evaluation), both () -> object
+  """PyTorch eager's training step (Adam) and guided evaluation (two passes, w = 1) of
+  ``config``'s network at config.train.batch_size, with common.initial_params' weights."""
+  import torch
+
+  from benchmarks.torch_unet import adam_train_step, guided_eps
+  batch, size, classes = config.train.batch_size, config.data.image_size, config.data.num_classes
+  train_step = adam_train_step(common.torch_network(config), batch, (1, size, size), classes,
+                               config.diffusion.p_uncond)
+  net, generator = common.torch_network(config), torch.Generator().manual_seed(0)
+  z = torch.randn((batch, 1, size, size), generator=generator)
+  logsnr, w, label = torch.ones(batch), torch.ones(batch), torch.arange(batch) % classes
+
+  def evaluate():
+    with torch.inference_mode():
+      return guided_eps(net, z, logsnr, label, w, classes, False)
+
+  return train_step, evaluate
 
 
 def torch_worker(model_name: str, steps: int) -> dict:
   """Training step, guided evaluation and matmul peak in PyTorch eager; own process."""
   import torch
 
-  from benchmarks.torch_unet import adam_train_step, guided_eps
-
   torch.set_num_threads(os.cpu_count() or 1)
-  config = _config(model_name)
-  batch, size, classes = config.train.batch_size, config.data.image_size, config.data.num_classes
-  out = {"train_s": common.best_time(adam_train_step(
-      common.torch_network(config), batch, (1, size, size), classes,
-      config.diffusion.p_uncond), steps)}
-  net, generator = common.torch_network(config), torch.Generator().manual_seed(0)
-  z = torch.randn((batch, 1, size, size), generator=generator)
-  logsnr, w, label = torch.ones(batch), torch.ones(batch), torch.arange(batch) % classes
-  with torch.inference_mode():
-    out["eval_s"] = common.best_time(
-        lambda: guided_eps(net, z, logsnr, label, w, classes, False), steps)
+  train_step, evaluate = torch_steps(_config(model_name))
+  out = {"train_s": common.best_time(train_step, steps),
+         "eval_s": common.best_time(evaluate, steps)}
   a = torch.ones(MATMUL, MATMUL)
   out["matmul_gflops"] = 2 * MATMUL**3 / common.best_time(lambda: a @ a, 5) / 1e9
   return out

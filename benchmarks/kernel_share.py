@@ -1,0 +1,187 @@
+"""How much of each framework's step is convolutions and matrix products, one core each.
+
+  python -m benchmarks.kernel_share [--models reference,fashion_mnist] [--steps 4]
+      [--no-write]
+
+For each network and task (training step with Adam; one guided evaluation, two passes),
+JAX (one XLA device) and PyTorch eager (one thread) each run in a fresh process pinned to
+one core, on vs_torch's networks, weights and per-core batch (half of vs_torch's global
+batch on 2 cores). Each step is timed unprofiled (best of ``--steps``), then profiled:
+JAX's trace joined to the optimized HLO, where a library fusion counts as a convolution or
+matrix product if its fused computation holds a `convolution` or `dot`; PyTorch's
+`torch.profiler` self time of its convolution and matrix-product operators. Everything
+else (elementwise work, copies, the framework's own overhead) is the step's wall time
+minus that. The last column, all profiled operations' time over the unprofiled step time,
+shows how much of the step the profile sees (XLA:CPU runs independent operations
+concurrently, so above 1 their durations overlap and the kernel time is overstated).
+
+The column "if everything else were free" bounds what faster elementwise code can buy:
+PyTorch's step time over JAX's convolutions and matrix products alone, the speed JAX would
+have if everything else took no time at all. Appends one table to BENCHMARKS.md with the
+CPU model and its vector extensions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+from benchmarks import common, profile_step
+
+# PyTorch operators whose own time is convolution or matrix-product arithmetic (oneDNN,
+# MKL); composite operators (aten::linear, aten::convolution) only dispatch to these.
+TORCH_KERNELS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::mm",
+                 "aten::bmm", "aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+_COMPUTATION = re.compile(r"(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$")
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(")
+
+
+def kernel_instructions(hlo_text: str) -> set[str]:
+  """Names of the instructions of an optimized HLO module that are convolutions or matrix
+  products: the ops themselves, and fusions whose called computation holds one."""
+  with_kernel, computation = set(), None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header.group(1)
+    elif computation and re.search(r" (convolution|dot)\(", line):
+      with_kernel.add(computation)
+  names = set()
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    calls = re.search(r"calls=%?([\w.\-]+)", line)
+    if match.group(2) in ("convolution", "dot") or (
+        match.group(2) == "fusion" and calls and calls.group(1) in with_kernel):
+      names.add(match.group(1))
+  return names
+
+
+def _jax_step(config, task: str) -> tuple:  # (Compiled, () -> None)
+  """The faster training step of the two kernel gradients (as train.kernel_gradient="auto"
+  trains), or the guided evaluation, on this process's one device."""
+  import jax
+
+  from benchmarks import vs_torch
+  from cfgdiff import train
+  mesh, model, optimizer, state, images = common.train_setup(config)
+  state = state.replace(params=jax.device_put(common.initial_params(config), jax.tree.map(
+      lambda x: x.sharding, state.params)))
+  if task == "eval":
+    return vs_torch.guided_evaluation(config, model, mesh, state.params)
+
+  def runner(compiled):  # the step donates the state: each call feeds it the last one's
+    def run():
+      nonlocal state
+      state, metrics = compiled(state, images)
+      jax.block_until_ready(metrics)
+    return run
+
+  steps = [train.compile_train_step(config, model.clone(kernel_grad_taps=taps), optimizer,
+                                    mesh).lower(state, images).compile()
+           for taps in (True, False)]
+  times = [common.best_time(runner(step), 3) for step in steps]
+  faster = steps[times.index(min(times))]
+  return faster, runner(faster)
+
+
+def jax_worker(variant: dict) -> dict:
+  """(step seconds, of which convolutions and matrix products) of JAX on one device."""
+  import jax
+
+  from benchmarks import vs_torch
+  config = vs_torch._config(variant["model"])
+  config.train.batch_size = variant["batch"]
+  compiled, run = _jax_step(config, variant["task"])
+  step_s = common.best_time(run, variant["steps"])
+  trace_dir = tempfile.mkdtemp(prefix="cfgdiff_kernel_share_")
+  jax.profiler.start_trace(trace_dir)
+  for _ in range(variant["steps"]):
+    run()
+  jax.profiler.stop_trace()
+  trace = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
+  kernels = kernel_instructions(compiled.as_text())
+  instructions = profile_step.hlo_instructions(compiled.as_text())
+  ops = [event for event in json.load(gzip.open(trace))["traceEvents"]
+         if event.get("ph") == "X" and event.get("name") in instructions]
+  return {"step_s": step_s,
+          "kernel_s": sum(e["dur"] for e in ops if e["name"] in kernels) / 1e6 / variant["steps"],
+          "profiled_s": sum(e["dur"] for e in ops) / 1e6 / variant["steps"]}
+
+
+def torch_worker(variant: dict) -> dict:
+  """(step seconds, of which convolutions and matrix products) of PyTorch, one thread."""
+  import torch
+  from torch.profiler import ProfilerActivity, profile
+
+  from benchmarks import vs_torch
+  torch.set_num_threads(1)
+  config = vs_torch._config(variant["model"])
+  config.train.batch_size = variant["batch"]
+  train_step, evaluate = vs_torch.torch_steps(config)
+  run = train_step if variant["task"] == "train" else evaluate
+  step_s = common.best_time(run, variant["steps"])
+  with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(variant["steps"]):
+      run()
+  rows = prof.key_averages()
+  return {"step_s": step_s,
+          "kernel_s": sum(r.self_cpu_time_total for r in rows if r.key in TORCH_KERNELS)
+          / 1e6 / variant["steps"],
+          "profiled_s": sum(r.self_cpu_time_total for r in rows) / 1e6 / variant["steps"]}
+
+
+def worker(variant: dict) -> dict:
+  os.sched_setaffinity(0, {variant["core"]})  # before any thread pool starts
+  return torch_worker(variant) if variant["framework"] == "torch" else jax_worker(variant)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--worker", help="internal: run one JSON variant and print JSON")
+  parser.add_argument("--models", default="reference,fashion_mnist")
+  parser.add_argument("--steps", type=int, default=4, help="timed and profiled repeats")
+  parser.add_argument("--no-write", action="store_true", help="print only")
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(worker(json.loads(args.worker))))
+    return
+
+  from benchmarks import vs_torch
+  core = max(os.sched_getaffinity(0))
+  header = ["network, batch on one core", "what", "framework", "step (s)",
+            "convolutions and matrix products (s)", "everything else (s)",
+            "JAX speed / PyTorch's", "JAX speed / PyTorch's if everything else were free",
+            "profiled operations / step time"]
+  rows = []
+  for model_name in args.models.split(","):
+    batch = vs_torch.MODELS[model_name][1] // 2
+    for task, what in (("train", "training step"), ("eval", "guided evaluation")):
+      results = {framework: common.run_variant("benchmarks.kernel_share", dict(
+          framework=framework, model=model_name, task=task, batch=batch, steps=args.steps,
+          core=core), devices=1) for framework in ("jax", "torch")}
+      torch_s = results["torch"]["step_s"]
+      for framework, name in (("jax", "JAX, 1 device"), ("torch", "PyTorch eager, 1 thread")):
+        r = results[framework]
+        rows.append([f"{model_name}, {batch}", what, name, f"{r['step_s']:.3f}",
+                     f"{r['kernel_s']:.3f} ({100 * r['kernel_s'] / r['step_s']:.0f}%)",
+                     f"{r['step_s'] - r['kernel_s']:.3f}",
+                     f"{torch_s / r['step_s']:.2f}" if framework == "jax" else "-",
+                     f"{torch_s / r['kernel_s']:.2f}" if framework == "jax" else "-",
+                     f"{r['profiled_s'] / r['step_s']:.2f}"])
+        print(" | ".join(rows[-1]), flush=True)
+  if not args.no_write:
+    command = f"python -m benchmarks.kernel_share --models {args.models} --steps {args.steps}"
+    common.append_section("Convolutions and matrix products against everything else, "
+                          "JAX and PyTorch on one core", command, header, rows)
+
+
+if __name__ == "__main__":
+  main()
