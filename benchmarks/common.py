@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -86,6 +87,21 @@ def train_setup(config) -> tuple:  # (Mesh, UNet, optax transform, TrainState, d
       "image": rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32),
       "label": rng.integers(0, config.data.num_classes, batch).astype(np.int32)}, mesh)
   return mesh, model, optimizer, state, images
+
+
+def training_step(config, model, optimizer, mesh, state, batch) -> tuple:  # (Compiled, bool)
+  """The train step `cfgdiff.main` trains ``config`` with on this machine, compiled:
+  train.kernel_gradient resolved as training resolves it ("auto" times both convolution
+  kernel gradients here and keeps the faster); and whether that is conv.py's tap products."""
+  import jax
+
+  from cfgdiff import train
+  with tempfile.TemporaryDirectory(prefix="cfgdiff_benchmark_") as workdir:
+    step = train.compile_train_step_for_backend(config, model, optimizer, mesh, state, workdir)
+    taps = train.saved_kernel_gradient(workdir) == "taps"
+  if not isinstance(step, jax.stages.Compiled):
+    step = step.lower(state, batch).compile()
+  return step, taps
 
 
 def spmd_train_step(config, model, optimizer, mesh, state, batch):  # -> jax.stages.Compiled

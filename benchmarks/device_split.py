@@ -13,7 +13,9 @@ loss, Adam, EMA) of `cfgdiff.train` at one global batch, split three ways:
   all-reduce), so this is a bound on what the device split could reach, not a way to train.
 
 Each variant runs in fresh processes (the device count is fixed at JAX import); medians of
-``--steps`` calls after warm-up. Appends one table to BENCHMARKS.md with the CPU model.
+``--steps`` calls after warm-up, all with the convolution kernel gradient the one-process
+run's training picks (train.kernel_gradient = "auto"). Appends one table to BENCHMARKS.md
+with the CPU model.
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ def worker(variant: dict) -> dict:
   import numpy as np
 
   from benchmarks.vs_torch import _config
-  from cfgdiff import diffusion, train
+  from cfgdiff import diffusion
 
   config = _config(variant["model"])
   config.train.batch_size = variant["batch"]
+  config.train.kernel_gradient = variant.get("kernel_gradient", "auto")
   dc = config.diffusion
   mesh, model, optimizer, state, images = common.train_setup(config)
+  # The kernel gradient the real training picks ("auto" times both here), for all three calls.
+  step, taps = common.training_step(config, model, optimizer, mesh, state, images)
+  model = model.clone(kernel_grad_taps=taps)
 
   def loss(params, batch):
     noised = diffusion.noise_batch(
@@ -55,7 +61,6 @@ def worker(variant: dict) -> dict:
 
   forward = jax.jit(loss).lower(state.params, images).compile()
   value_and_grad = jax.jit(jax.value_and_grad(loss)).lower(state.params, images).compile()
-  step = train.compile_train_step(config, model, optimizer, mesh).lower(state, images).compile()
 
   def train_once():
     nonlocal state
@@ -72,7 +77,11 @@ def worker(variant: dict) -> dict:
       call()
       if repeat >= 2:
         times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+  return dict({name: 1e3 * float(np.median(t)) for name, t in times.items()},
+              kernel_gradient="taps" if taps else "xla")
+
+
+KERNEL_GRADIENTS = {"taps": "conv.py's tap products", "xla": "XLA's own"}
 
 
 def _start(variant: dict, devices: int) -> subprocess.Popen:
@@ -108,10 +117,12 @@ def main() -> None:
   cores = len(allowed)
   if args.batch % cores:
     parser.error(f"--batch {args.batch} must divide over the {cores} cores")
-  per_core = dict(model=args.model, batch=args.batch // cores, steps=args.steps)
+  split = _results([_start(dict(model=args.model, batch=args.batch, steps=args.steps), cores)])
+  # The pinned processes use the kernel gradient the split process's training picked.
+  per_core = dict(model=args.model, batch=args.batch // cores, steps=args.steps,
+                  kernel_gradient=split[0]["kernel_gradient"])
   variants = {
-      f"one process, {cores} devices, batch {args.batch}":
-          _results([_start(dict(per_core, batch=args.batch), cores)]),
+      f"one process, {cores} devices, batch {args.batch}": split,
       f"one process pinned to one core, batch {args.batch // cores}, alone":
           _results([_start(dict(per_core, core=allowed[0]), 1)]),
       f"{cores} pinned processes at once, batch {args.batch // cores} each (no all-reduce)":
@@ -121,13 +132,15 @@ def main() -> None:
             f"images/s over {cores} cores"]
   rows = []
   for name, results in variants.items():
-    mean = {key: sum(r[key] for r in results) / len(results) for key in results[0]}
+    mean = {key: sum(r[key] for r in results) / len(results)
+            for key in ("forward", "value_and_grad", "step")}
     rows.append([name, f"{mean['forward']:.1f}", f"{mean['value_and_grad']:.1f}",
                  f"{mean['step']:.1f}", f"{1e3 * args.batch / mean['step']:.1f}"])
     print(" | ".join(rows[-1]), flush=True)
   if not args.no_write:
     common.append_section(
-        f"Device split: {args.model} training step, one process against pinned processes",
+        f"Device split: {args.model} training step, one process against pinned processes "
+        f"(kernel gradient: {KERNEL_GRADIENTS[split[0]['kernel_gradient']]})",
         ("python -m benchmarks.device_split " + " ".join(sys.argv[1:])).strip(), header, rows)
 
 

@@ -4,7 +4,8 @@
       [--no-write]
 
 For each network and task (training step with Adam; one guided evaluation, two passes),
-JAX (one XLA device) and PyTorch eager (one thread) each run in a fresh process pinned to
+JAX (one XLA device, the training step's kernel gradient as `cfgdiff.main` picks it
+on this machine) and PyTorch eager (one thread) each run in a fresh process pinned to
 one core, on vs_torch's networks, weights and per-core batch (half of vs_torch's global
 batch on 2 cores). Each step is timed unprofiled (best of ``--steps``), then profiled:
 JAX's trace joined to the optimized HLO, where a library fusion counts as a convolution or
@@ -38,6 +39,8 @@ from benchmarks import common, profile_step
 TORCH_KERNELS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::mm",
                  "aten::bmm", "aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+# Calls before timing: PyTorch's first steps at a new shape are up to 1.8x slower.
+WARM_UP = 3
 _COMPUTATION = re.compile(r"(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(")
 
@@ -65,31 +68,24 @@ def kernel_instructions(hlo_text: str) -> set[str]:
 
 
 def _jax_step(config, task: str) -> tuple:  # (Compiled, () -> None)
-  """The faster training step of the two kernel gradients (as train.kernel_gradient="auto"
-  trains), or the guided evaluation, on this process's one device."""
+  """The train step `cfgdiff.main` would train with (common.training_step), or the guided
+  evaluation, on this process's one device, and a call of it that blocks until done."""
   import jax
 
   from benchmarks import vs_torch
-  from cfgdiff import train
   mesh, model, optimizer, state, images = common.train_setup(config)
   state = state.replace(params=jax.device_put(common.initial_params(config), jax.tree.map(
       lambda x: x.sharding, state.params)))
   if task == "eval":
     return vs_torch.guided_evaluation(config, model, mesh, state.params)
+  step, _ = common.training_step(config, model, optimizer, mesh, state, images)
 
-  def runner(compiled):  # the step donates the state: each call feeds it the last one's
-    def run():
-      nonlocal state
-      state, metrics = compiled(state, images)
-      jax.block_until_ready(metrics)
-    return run
+  def run():  # the step donates the state: each call feeds it the last one's
+    nonlocal state
+    state, metrics = step(state, images)
+    jax.block_until_ready(metrics)
 
-  steps = [train.compile_train_step(config, model.clone(kernel_grad_taps=taps), optimizer,
-                                    mesh).lower(state, images).compile()
-           for taps in (True, False)]
-  times = [common.best_time(runner(step), 3) for step in steps]
-  faster = steps[times.index(min(times))]
-  return faster, runner(faster)
+  return step, run
 
 
 def jax_worker(variant: dict) -> dict:
@@ -100,6 +96,8 @@ def jax_worker(variant: dict) -> dict:
   config = vs_torch._config(variant["model"])
   config.train.batch_size = variant["batch"]
   compiled, run = _jax_step(config, variant["task"])
+  for _ in range(WARM_UP):
+    run()
   step_s = common.best_time(run, variant["steps"])
   trace_dir = tempfile.mkdtemp(prefix="cfgdiff_kernel_share_")
   jax.profiler.start_trace(trace_dir)
@@ -127,6 +125,8 @@ def torch_worker(variant: dict) -> dict:
   config.train.batch_size = variant["batch"]
   train_step, evaluate = vs_torch.torch_steps(config)
   run = train_step if variant["task"] == "train" else evaluate
+  for _ in range(WARM_UP):
+    run()
   step_s = common.best_time(run, variant["steps"])
   with profile(activities=[ProfilerActivity.CPU]) as prof:
     for _ in range(variant["steps"]):

@@ -61,11 +61,10 @@ def profile(model_name: str, batch: int, steps: int) -> tuple[float, dict[str, f
   import numpy as np
 
   from benchmarks.vs_torch import _config
-  from cfgdiff import train
   config = _config(model_name)
   config.train.batch_size = batch
   mesh, model, optimizer, state, global_batch = common.train_setup(config)
-  step = train.compile_train_step(config, model, optimizer, mesh)
+  step, _ = common.training_step(config, model, optimizer, mesh, state, global_batch)
 
   def run():
     nonlocal state
@@ -87,7 +86,7 @@ def profile(model_name: str, batch: int, steps: int) -> tuple[float, dict[str, f
   jax.profiler.stop_trace()
   trace_file = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
   events = json.load(gzip.open(trace_file))["traceEvents"]
-  instructions = hlo_instructions(step.lower(state, global_batch).compile().as_text())
+  instructions = hlo_instructions(step.as_text())
   by_category: dict[str, float] = collections.Counter()
   for event in events:
     if event.get("ph") == "X" and event.get("name") in instructions:

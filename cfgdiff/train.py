@@ -280,6 +280,12 @@ def _time_steps(steps: dict[str, Callable], state: build.TrainState,
   return seconds
 
 
+def saved_kernel_gradient(workdir: str) -> str:
+  """The kernel gradient WORKDIR's run trains with on CPU ("taps" or "xla"), as
+  `compile_train_step_for_backend` saved it, or "auto" if none is saved."""
+  return _saved_kernel_gradient(files.path(workdir) / _KERNEL_GRADIENT_FILE)
+
+
 def _saved_kernel_gradient(path) -> str:
   """The kernel gradient saved in ``path``, or "auto" (time again) when there is none or
   it is unreadable: the file is a measurement, nothing else depends on it."""
