@@ -359,6 +359,7 @@ def test_kernel_gradient_is_timed_once_per_workdir(synthetic_data, tmp_path, mon
   seconds = saved["seconds_per_step"]
   assert set(seconds) == {"taps", "xla"} and 0 < min(seconds.values()) < max(seconds.values())
   assert saved["kernel_gradient"] == min(seconds, key=seconds.get)
+  assert train.saved_kernel_gradient(str(tmp_path)) == saved["kernel_gradient"]
   assert step_fn is executables[saved["kernel_gradient"] == "taps"]  # the faster one runs
   # The two executables differ: the taps turn kernel-gradient convolutions into products.
   assert (executables[True].as_text().count(" convolution(")
@@ -375,6 +376,7 @@ def test_kernel_gradient_is_timed_once_per_workdir(synthetic_data, tmp_path, mon
   for unreadable in ("{not json", '{"kernel_gradient": "fast"}', "[]"):  # timed again
     saved_path.write_text(unreadable)
     assert train._saved_kernel_gradient(saved_path) == "auto"
+    assert train.saved_kernel_gradient(str(tmp_path)) == "auto"
   saved_path.unlink()  # a checkpoint from before the file existed: the taps it used
   choose(state.replace(step=state.step + 3))
   assert compiled_with == [True]
