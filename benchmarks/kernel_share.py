@@ -139,6 +139,7 @@ def torch_worker(variant: dict) -> dict:
 
 
 def worker(variant: dict) -> dict:
+  """One framework's step on one network and task, in this process pinned to one core."""
   os.sched_setaffinity(0, {variant["core"]})  # before any thread pool starts
   return torch_worker(variant) if variant["framework"] == "torch" else jax_worker(variant)
 
