@@ -6,15 +6,17 @@
 For each network and task (training step with Adam; one guided evaluation, two passes),
 JAX (one XLA device, the training step's kernel gradient as `cfgdiff.main` picks it
 on this machine) and PyTorch eager (one thread) each run in a fresh process pinned to
-one core, on vs_torch's networks, weights and per-core batch (half of vs_torch's global
-batch on 2 cores). Each step is timed unprofiled (best of ``--steps``), then profiled:
-JAX's trace joined to the optimized HLO, where a library fusion counts as a convolution or
-matrix product if its fused computation holds a `convolution` or `dot`; PyTorch's
-`torch.profiler` self time of its convolution and matrix-product operators. Everything
-else (elementwise work, copies, the framework's own overhead) is the step's wall time
-minus that. The last column, all profiled operations' time over the unprofiled step time,
-shows how much of the step the profile sees (XLA:CPU runs independent operations
-concurrently, so above 1 their durations overlap and the kernel time is overstated).
+one core, both under jemalloc, on vs_torch's networks, weights and per-core batch (half of
+vs_torch's global batch on 2 cores). Each step is timed unprofiled (best of ``--steps``
+after warm-up), then ``--steps`` more calls are profiled for the mean time per step in
+convolutions and matrix products: for JAX, the trace joined to the optimized HLO, counting
+the operations that are a `convolution` or `dot` or a fusion holding one (XLA:CPU's
+library fusions); for PyTorch, `torch.profiler`'s self time of its convolution and
+matrix-product operators. "Everything else" (elementwise work, copies, the framework's
+own overhead) is the unprofiled step time minus that. The last column, all profiled
+operations' mean time over the unprofiled step time, shows how much of the step the
+profile accounts for: profiling overhead and the best-versus-mean difference put it a few
+percent either side of 1, and XLA:CPU's concurrent operations would push it well above.
 
 The column "if everything else were free" bounds what faster elementwise code can buy:
 PyTorch's step time over JAX's convolutions and matrix products alone, the speed JAX would
@@ -35,35 +37,51 @@ import tempfile
 from benchmarks import common, profile_step
 
 # PyTorch operators whose own time is convolution or matrix-product arithmetic (oneDNN,
-# MKL); composite operators (aten::linear, aten::convolution) only dispatch to these.
-TORCH_KERNELS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::mm",
+# MKL, and the slow_conv2d path PyTorch takes for some 1x1 convolutions at small batches);
+# composite operators (aten::linear, aten::convolution) only dispatch to these.
+TORCH_KERNELS = ("aten::mkldnn_convolution", "aten::convolution_backward",
+                 "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward", "aten::mm",
                  "aten::bmm", "aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 # Calls before timing: PyTorch's first steps at a new shape are up to 1.8x slower.
 WARM_UP = 3
 _COMPUTATION = re.compile(r"(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$")
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
 def kernel_instructions(hlo_text: str) -> set[str]:
-  """Names of the instructions of an optimized HLO module that are convolutions or matrix
-  products: the ops themselves, and fusions whose called computation holds one."""
-  with_kernel, computation = set(), None
+  """Names of the instructions an optimized HLO module runs as its own operations (not
+  inside a fusion) that are convolutions or matrix products: the bare ops, and fusions
+  whose fused computation holds one (XLA:CPU's library fusions)."""
+  bodies: dict[str, list[str]] = {}
+  computation = None
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
       computation = header.group(1)
-    elif computation and re.search(r" (convolution|dot)\(", line):
-      with_kernel.add(computation)
+      bodies[computation] = []
+    elif computation is not None:
+      bodies[computation].append(line)
+  fused = set()  # the computations fusions call
+  for lines in bodies.values():
+    for line in lines:
+      match, calls = profile_step.INSTRUCTION.match(line), _CALLS.search(line)
+      if match and match.group(3) == "fusion" and calls:
+        fused.add(calls.group(1))
+  with_kernel = {name for name, lines in bodies.items()
+                 if any(re.search(r" (convolution|dot)\(", line) for line in lines)}
   names = set()
-  for line in hlo_text.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    calls = re.search(r"calls=%?([\w.\-]+)", line)
-    if match.group(2) in ("convolution", "dot") or (
-        match.group(2) == "fusion" and calls and calls.group(1) in with_kernel):
-      names.add(match.group(1))
+  for name, lines in bodies.items():
+    if name in fused:
+      continue  # instructions inside a fusion never run as operations of their own
+    for line in lines:
+      match = profile_step.INSTRUCTION.match(line)
+      if not match:
+        continue
+      calls = _CALLS.search(line)
+      if match.group(3) in ("convolution", "dot") or (
+          match.group(3) == "fusion" and calls and calls.group(1) in with_kernel):
+        names.add(match.group(1))
   return names
 
 
@@ -109,8 +127,11 @@ def jax_worker(variant: dict) -> dict:
   instructions = profile_step.hlo_instructions(compiled.as_text())
   ops = [event for event in json.load(gzip.open(trace))["traceEvents"]
          if event.get("ph") == "X" and event.get("name") in instructions]
-  return {"step_s": step_s,
-          "kernel_s": sum(e["dur"] for e in ops if e["name"] in kernels) / 1e6 / variant["steps"],
+  kernel_s = sum(e["dur"] for e in ops if e["name"] in kernels) / 1e6 / variant["steps"]
+  if not kernel_s:
+    raise RuntimeError("no convolution or matrix product of the compiled step was found in "
+                       "its trace: has XLA:CPU renamed its trace events or its HLO text?")
+  return {"step_s": step_s, "kernel_s": kernel_s,
           "profiled_s": sum(e["dur"] for e in ops) / 1e6 / variant["steps"]}
 
 
@@ -132,9 +153,11 @@ def torch_worker(variant: dict) -> dict:
     for _ in range(variant["steps"]):
       run()
   rows = prof.key_averages()
-  return {"step_s": step_s,
-          "kernel_s": sum(r.self_cpu_time_total for r in rows if r.key in TORCH_KERNELS)
-          / 1e6 / variant["steps"],
+  kernel_s = sum(r.self_cpu_time_total for r in rows if r.key in TORCH_KERNELS) / 1e6 / (
+      variant["steps"])
+  if not kernel_s:
+    raise RuntimeError(f"none of {TORCH_KERNELS} in PyTorch's profile: has it renamed them?")
+  return {"step_s": step_s, "kernel_s": kernel_s,
           "profiled_s": sum(r.self_cpu_time_total for r in rows) / 1e6 / variant["steps"]}
 
 

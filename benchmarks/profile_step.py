@@ -26,14 +26,15 @@ import time
 
 from benchmarks import common
 
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(")
+# One HLO instruction: name = shape (a tuple for multi-output ones) opcode(
+INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\(")
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
   """Name -> (opcode, fusion kind or "", JAX op_name or "") of each top-level instruction."""
   out = {}
   for line in hlo_text.splitlines():
-    match = _INSTRUCTION.match(line)
+    match = INSTRUCTION.match(line)
     if match:
       kind = re.search(r"kind=(\w+)", line)
       op_name = re.search(r'op_name="([^"]+)"', line)

@@ -1,5 +1,6 @@
 """benchmarks/kernel_share.py's choice of the instructions that are convolutions or matrix
-products, on a real compiled program: the library fusions holding them, nothing else."""
+products, on a real compiled program: the operations that run them (a bare convolution and
+a library fusion holding a product), nothing inside a fusion, no elementwise fusion."""
 
 import re
 
@@ -7,6 +8,21 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import kernel_share, profile_step
+
+
+def _entry_instructions(hlo: str) -> dict[str, str]:
+  """Name -> line of each instruction of the ENTRY computation: what runs as an operation."""
+  entry = hlo[hlo.index("\nENTRY "):]
+  entry = entry[:entry.index("\n}")]
+  return {m.group(1): m.group(0)
+          for m in re.finditer(r"(?m)^\s*(?:ROOT )?%?([\w.\-]+) = .*$", entry)}
+
+
+def _body(hlo: str, line: str) -> str:
+  """The computation a fusion's line calls."""
+  called = re.search(r"calls=%?([\w.\-]+)", line).group(1)
+  body = hlo[re.search(rf"(?m)^%?{re.escape(called)} \(", hlo).start():]
+  return body[:body.index("\n}")]
 
 
 def test_kernel_instructions_are_the_convolutions_and_products_of_a_compiled_program():
@@ -19,22 +35,27 @@ def test_kernel_instructions_are_the_convolutions_and_products_of_a_compiled_pro
   hlo = jax.jit(f).lower(jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8)),
                          jnp.ones((512, 16))).compile().as_text()
   kernels = kernel_share.kernel_instructions(hlo)
-  everything = profile_step.hlo_instructions(hlo)
-  assert kernels and kernels <= set(everything), (kernels, hlo)
-  # At least the convolution and the product, and not the elementwise work between them.
-  bodies = re.findall(r"(?m)^\s*(?:ROOT )?%?([\w.\-]+) = .*$", hlo)
-  assert len(kernels) >= 2, (kernels, hlo)
-  assert set(bodies) - kernels, hlo
-  for name in kernels:
-    line = next(line for line in hlo.splitlines()
-                if re.match(rf"\s*(?:ROOT )?%?{re.escape(name)} = ", line))
-    called = re.search(r"calls=%?([\w.\-]+)", line)
-    if called:
-      body = hlo[hlo.index(f"{called.group(1)} ("):]
-      body = body[:body.index("\n}")]
-      assert re.search(r" (convolution|dot)\(", body), (name, body)
-    else:
-      assert re.search(r" (convolution|dot)\(", line), line
-  elementwise = [name for name, (opcode, kind, _) in everything.items()
-                 if opcode == "fusion" and kind == "kLoop"]
+  entry = _entry_instructions(hlo)
+  assert kernels <= set(entry), (kernels, hlo)  # nothing from inside a fusion
+  holds = {name: " convolution(" in line or " dot(" in line
+           or (" fusion(" in line and bool(re.search(r" (convolution|dot)\(", _body(hlo, line))))
+           for name, line in entry.items()}
+  # Exactly the entry's operations that are, or fuse, a convolution or a product ...
+  assert kernels == {name for name, kernel in holds.items() if kernel}, (kernels, hlo)
+  # ... which here are both kinds: a product inside a library fusion, and a convolution.
+  assert any(" fusion(" in entry[name] and " dot(" in _body(hlo, entry[name])
+             for name in kernels), hlo
+  assert any(" convolution(" in entry[name] or " convolution(" in _body(hlo, entry[name])
+             for name in kernels), hlo
+  elementwise = [name for name, line in entry.items() if "kind=kLoop" in line]
   assert elementwise and not set(elementwise) & kernels, (elementwise, kernels)
+
+
+def test_multi_output_instructions_are_parsed():
+  hlo = jax.jit(lambda x: (jnp.sin(x) * 2, jnp.sin(x) + 1)).lower(
+      jnp.ones((64, 32))).compile().as_text()
+  tuples = [name for name, line in _entry_instructions(hlo).items()
+            if re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = \(", line)]
+  assert tuples, hlo  # the program has an instruction of tuple shape
+  instructions = profile_step.hlo_instructions(hlo)
+  assert set(tuples) <= set(instructions), (tuples, instructions)
