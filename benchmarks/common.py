@@ -89,6 +89,16 @@ def train_setup(config) -> tuple:  # (Mesh, UNet, optax transform, TrainState, d
   return mesh, model, optimizer, state, images
 
 
+def comparison_setup(config) -> tuple:  # (Mesh, UNet, optax transform, TrainState, dict)
+  """train_setup with the state's parameters set to initial_params: what a JAX-vs-PyTorch
+  comparison starts from, PyTorch getting the same weights (common.torch_network)."""
+  import jax
+  mesh, model, optimizer, state, images = train_setup(config)
+  state = state.replace(params=jax.device_put(initial_params(config), jax.tree.map(
+      lambda x: x.sharding, state.params)))
+  return mesh, model, optimizer, state, images
+
+
 def training_step(config, model, optimizer, mesh, state, batch) -> tuple:  # (Compiled, bool)
   """The train step `cfgdiff.main` trains ``config`` with on this machine, compiled:
   train.kernel_gradient resolved as training resolves it ("auto" times both convolution

@@ -91,9 +91,7 @@ def _jax_step(config, task: str) -> tuple:  # (Compiled, () -> None)
   import jax
 
   from benchmarks import vs_torch
-  mesh, model, optimizer, state, images = common.train_setup(config)
-  state = state.replace(params=jax.device_put(common.initial_params(config), jax.tree.map(
-      lambda x: x.sharding, state.params)))
+  mesh, model, optimizer, state, images = common.comparison_setup(config)
   if task == "eval":
     return vs_torch.guided_evaluation(config, model, mesh, state.params)
   step, _ = common.training_step(config, model, optimizer, mesh, state, images)

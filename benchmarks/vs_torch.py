@@ -53,9 +53,7 @@ def jax_worker(variant: dict) -> dict:
   from cfgdiff import train
 
   config = _config(variant["model"])
-  mesh, model, optimizer, state, images = common.train_setup(config)
-  state = state.replace(params=jax.device_put(common.initial_params(config), jax.tree.map(
-      lambda x: x.sharding, state.params)))
+  mesh, model, optimizer, state, images = common.comparison_setup(config)
   steps = {name: train.compile_train_step(config, model.clone(kernel_grad_taps=taps), optimizer,
                                          mesh).lower(state, images).compile()
            for name, taps in (("train_taps", True), ("train_xla_conv", False))}
