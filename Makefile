@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 DATA := /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdir/fashion_mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+comma := ,
 
 CONFIG := experiments/fashion_mnist.py
 TABLE1 ?= workdir/table1
@@ -14,17 +15,43 @@ CLI := $(PY) -m cfgdiff.main --config=$(CONFIG)
 
 REFERENCE_WORKDIR ?= workdir/reference
 
-.PHONY: setup setup-test data jemalloc train sample sweep run table1 table1-reference reference test lint rehearse
+.PHONY: setup setup-test data jemalloc train sample sweep run table1 table1-reference reference test lint rehearse accel
 
-# The main job installs only what it imports; the tests add pytest, ruff and PyTorch
-# (the parity tests and benchmarks/ compare against it), about 5 GB more.
-$(VENV)/.installed: setup.py
+# The JAX build: detected (nvidia-smi lists a GPU: cuda13 where the driver runs CUDA 13,
+# else cuda12; a TPU VM's chips on PCI: tpu; otherwise cpu), or ACCEL=cpu|cuda12|cuda13|tpu.
+# A value this machine cannot run stops here, before anything is written
+# (cfgdiff/backend.py, which runs on any python3). PCI_DEVICES: for the tests' stand-ins.
+PCI_DEVICES ?= /sys/bus/pci/devices
+ACCEL_CHOICE := $(shell $(PYTHON) cfgdiff/backend.py --pci-devices=$(PCI_DEVICES) choose $(ACCEL))
+ifeq ($(ACCEL_CHOICE),)
+$(error $(PYTHON) could not run cfgdiff/backend.py to choose the JAX build; set PYTHON=python3.11 or similar)
+else ifeq ($(firstword $(ACCEL_CHOICE)),error:)
+$(error $(wordlist 2,1000,$(ACCEL_CHOICE)))
+endif
+override ACCEL := $(ACCEL_CHOICE)
+# CPU keeps the marker it always had; an accelerator build has its own, so switching
+# builds reinstalls (leaving the CPU build takes the accelerator plugins out again).
+INSTALLED := $(VENV)/.installed$(if $(filter-out cpu,$(ACCEL)),-$(ACCEL))
+ACCEL_MARKERS := $(VENV)/.installed-cuda12 $(VENV)/.installed-cuda13 $(VENV)/.installed-tpu
+ACCEL_PLUGINS := jax-cuda12-plugin jax-cuda12-pjrt jax-cuda13-plugin jax-cuda13-pjrt libtpu
+
+# The main job installs only what it imports (cfgdiff[train]: training's writers, and the
+# JAX build for the accelerator); the tests add pytest, ruff and PyTorch (the parity tests
+# and benchmarks/ compare against it), about 5 GB more.
+$(INSTALLED): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(if $(filter cpu,$(ACCEL)),[ -z "$$(ls $(ACCEL_MARKERS) 2>/dev/null)" ] || \
+	  $(PY) -m pip uninstall --quiet -y $(ACCEL_PLUGINS))
+	$(PY) -m pip install --quiet -e ".[train$(if $(filter-out cpu,$(ACCEL)),$(comma)$(ACCEL))]"
+	rm -f $(VENV)/.installed $(ACCEL_MARKERS)
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# What `make` chose, and why.
+accel:
+	@echo "ACCEL=$(ACCEL): $$($(PYTHON) cfgdiff/backend.py --pci-devices=$(PCI_DEVICES) describe)"
+
+$(VENV)/.installed-test: $(INSTALLED)
 	$(PY) -m pip install --quiet -e ".[test,fid]"
 	touch $@
 
@@ -46,7 +73,7 @@ jemalloc:
 	  { mkdir -p "$(VENV)" && touch "$(JEMALLOC_FAILED)"; \
 	    echo "jemalloc not installed: CPU training will run on the C library's malloc"; }; }
 
-setup: $(VENV)/.installed data jemalloc
+setup: $(INSTALLED) data jemalloc
 
 setup-test: $(VENV)/.installed-test data jemalloc
 

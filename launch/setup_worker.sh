@@ -4,7 +4,12 @@
 # as Ubuntu 22.04 TPU VM images do), makes .venv and installs cfgdiff with the JAX build
 # for the accelerator. Safe to run again: an up-to-date .venv is kept.
 #
-#   launch/setup_worker.sh [JAX_REQUIREMENT]     e.g. 'jax[tpu]' (default), 'jax[cuda12]', jax
+#   launch/setup_worker.sh [JAX_REQUIREMENT]     e.g. 'jax[tpu]' (default), 'jax[cuda12]',
+#                                                'jax[cuda13]', jax (CPU), or another pip spec
+# JAX's own builds become cfgdiff's extras of the same name (cfgdiff[train,tpu], setup.py;
+# `make ACCEL=...` installs the same); any other spec (a pinned jax, a wheel) is installed
+# beside cfgdiff[train]. Nothing here checks the machine: a SLURM login node that prepares
+# a shared checkout for GPU nodes usually has no GPU itself.
 #   launch/setup_worker.sh --python-only         only find (or install) Python >= 3.11
 #
 # CFGDIFF_VENV=/path/to/env  use an environment that already has cfgdiff's dependencies
@@ -65,8 +70,14 @@ fi
 if [[ -e .venv ]] && ! python_at_least_311 .venv/bin/python; then
   rm -rf .venv  # made by an older Python (e.g. the image's 3.10): venv would keep it
 fi
+case "$JAX_REQUIREMENT" in
+  jax) install=(-e ".[train]") ;;
+  "jax[cuda12]" | "jax[cuda13]" | "jax[tpu]")
+    install=(-e ".[train,${JAX_REQUIREMENT:4:-1}]") ;;  # jax[X] -> cfgdiff[train,X]
+  *) install=(-e ".[train]" "$JAX_REQUIREMENT") ;;
+esac
 "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e . "$JAX_REQUIREMENT"
+.venv/bin/python -m pip install --quiet "${install[@]}"
 touch "$stamp"
 echo "setup_worker: installed cfgdiff and $JAX_REQUIREMENT with $(.venv/bin/python --version)"
