@@ -17,7 +17,9 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cfgdiff import files
+from cfgdiff import files, multihost
+
+DAMAGED_DIR = "checkpoints_damaged"  # beside checkpoints/: steps that failed to restore
 
 
 class CheckpointError(RuntimeError):
@@ -145,7 +147,9 @@ class Checkpointer:
   """Saves and restores {train state, data position} pairs indexed by step.
 
   Orbax writes each step to a temporary folder and renames it when complete, so a run
-  killed mid-save leaves the previous checkpoints intact and readable.
+  killed mid-save leaves the previous checkpoints intact and readable. A writer (made by
+  the job that holds the workdir lock) removes such a killed save's temporary folders
+  when it starts.
   """
 
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
@@ -166,16 +170,29 @@ class Checkpointer:
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               primary_host=me, active_processes={me}))
     else:
-      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, data_position: dict[str, int]) -> None:
-    """Starts an (asynchronous) save; device arrays are copied before it returns."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)))
+    """Starts an (asynchronous) save; device arrays are copied before it returns.
+
+    Never replaces a committed step (another job's, if two ever wrote here): that is an
+    error. A failed earlier asynchronous save is raised here at the latest.
+    """
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)))
+    except ocp.checkpoint_manager.StepAlreadyExistsError as e:
+      raise CheckpointError(
+          f"checkpoint {self.directory / str(step)} already exists and is never replaced: "
+          "another job has trained in this workdir. Check that only one job trains here, "
+          "then resume.") from e
+    except Exception as e:  # pylint: disable=broad-except  # a full disk, a failed write
+      raise self._save_error(e) from e
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, int]]:
     """Restores into the structure, dtypes and shardings of ``abstract_state``.
@@ -200,8 +217,74 @@ class Checkpointer:
           "changed, use the config the run was trained with or a new --workdir.") from e
     return restored.state, dict(restored.data)
 
+  def restore_newest_good(self, abstract_state: Any) -> tuple[Any, dict[str, int], int]:
+    """The newest step that restores: (state, data position, step).
+
+    Newer steps that fail to restore on any process (files truncated or corrupted by a
+    crash without fsync, or on NFS) are moved to WORKDIR/checkpoints_damaged/, never
+    deleted, with one warning; then training resumes from the step before. Raises the
+    newest step's CheckpointError, moving nothing, when no step restores. For the
+    writer only (the job holding the workdir lock); every process must call it.
+    """
+    damaged: list[tuple[int, CheckpointError]] = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      error = None
+      try:
+        state, position = self.restore(abstract_state, step)
+      except CheckpointError as e:
+        error = e
+      if multihost.any_process(error is not None):
+        damaged.append((step, error or CheckpointError(
+            f"checkpoint {self.directory / str(step)} failed to restore on another process.")))
+        continue
+      if damaged:
+        failure = "".join(self._move_aside(bad, bad_error, step) for bad, bad_error in damaged)
+        # Every process learns process 0's outcome, and reloads after it moved the folders.
+        failure = multihost.agreed(failure)
+        if failure:
+          raise CheckpointError(failure)
+        self._manager.reload()
+      return state, position, step
+    if damaged:
+      raise damaged[0][1]
+    raise CheckpointError(f"no checkpoint in {self.directory}.")
+
+  def _move_aside(self, step: int, error: CheckpointError, previous: int) -> str:
+    """Moves a damaged step out of checkpoints/ (process 0); returns what went wrong, ''."""
+    target = self.directory.parent / DAMAGED_DIR / f"{step}-{int(time.time())}"
+    logging.warning("%s Moving it to %s and resuming from step %d.",
+                    str(error).split(" If the files")[0], target, previous)
+    if jax.process_index() != 0:
+      return ""
+    try:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    except OSError as e:
+      return (f"checkpoint {self.directory / str(step)} cannot be restored and cannot be "
+              f"moved aside ({type(e).__name__}: {e}); move it out of {self.directory} by "
+              f"hand to resume from step {previous}.")
+    return ""
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointError if an asynchronous save has failed (e.g. a full disk)."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except  # whatever the writer raised
+      raise self._save_error(e) from e
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for an asynchronous save; raises CheckpointError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
+
+  def _save_error(self, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"saving a checkpoint into {self.directory} failed ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}); the committed steps "
+        f"{saved_steps(str(self.directory.parent))} are intact. Free space or fix the disk's "
+        "permissions, then run the same command again to resume.")
 
   def close(self) -> None:
     self._manager.close()

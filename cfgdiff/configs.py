@@ -71,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 500
   config.train.keep_checkpoints = 3
   config.train.log_every_steps = 50
+  # Stop with an error after this many non-finite (skipped) updates in a row: a diverged
+  # run never trains to the end and is never swept. 0 = never stop.
+  config.train.max_nonfinite_steps = 100
   # The convolutions' kernel gradient on CPU (the same function either way, up to float
   # rounding; TPU and GPU always use XLA's): "auto" compiles the train step with
   # cfgdiff/models/conv.py's tap products and with XLA's own, times both and keeps the
@@ -120,6 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.sweep.pr_k = 3  # neighbourhood size of precision/recall
   config.sweep.pr_max_points = 10_000  # precision/recall on at most this many per set
   config.sweep.poll_seconds = 0  # > 0: keep polling WORKDIR for new checkpoints
+  # A polling sweep gives up on an unfinished run whose training has stopped: no live
+  # WORKDIR/train.lock and no new checkpoint for this long.
+  config.sweep.dead_run_seconds = 3600.0
   # The score's contiguous splits over the samples in draw order (classes in turn): 1 =
   # the whole set, so a confident, correct, class-balanced set scores the class count.
   config.sweep.score_splits = 1
@@ -138,6 +144,10 @@ def default_config() -> ml_collections.ConfigDict:
   # One training job per workdir: a second job is refused while the first one's
   # WORKDIR/train.lock heartbeat (rewritten every lease / 4) is younger than this.
   config.runtime.workdir_lease_seconds = 300.0
+  # A training process that finishes no step for this long (a hung or dead peer, a stuck
+  # collective, saves and logging included; not the first step's compile) exits with
+  # code 77, which the launchers requeue. 0 = never.
+  config.runtime.step_timeout_seconds = 1800.0
   return config
 
 
@@ -242,6 +252,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   validate_sweep(config.sweep)
   _require(config.runtime.cpu_devices >= 0, "runtime.cpu_devices", config.runtime.cpu_devices,
            "must be >= 0 (0 = one device per core)")
+  _require(train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps",
+           train.max_nonfinite_steps, "must be >= 0 (0 = never stop)")
+  _require(config.runtime.step_timeout_seconds >= 0, "runtime.step_timeout_seconds",
+           config.runtime.step_timeout_seconds, "must be >= 0 seconds (0 = no watchdog)")
   _require(config.runtime.workdir_lease_seconds > 0, "runtime.workdir_lease_seconds",
            config.runtime.workdir_lease_seconds, "must be > 0 seconds")
   shape = tuple(config.runtime.mesh_shape)
@@ -298,6 +312,8 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
   _require(sweep.pr_max_points > sweep.pr_k, "sweep.pr_max_points", sweep.pr_max_points,
            f"must exceed sweep.pr_k={sweep.pr_k}")
   _require(sweep.poll_seconds >= 0, "sweep.poll_seconds", sweep.poll_seconds, "must be >= 0")
+  _require(sweep.dead_run_seconds > 0, "sweep.dead_run_seconds", sweep.dead_run_seconds,
+           "must be > 0 seconds")
   _require(isinstance(sweep.score_splits, int) and 1 <= sweep.score_splits
            <= sweep.num_samples, "sweep.score_splits", sweep.score_splits,
            f"must be an integer in [1, sweep.num_samples={sweep.num_samples}]")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
+import json
 import os
 import signal
 import struct
@@ -85,6 +87,12 @@ class ArraySource:
 
   def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return self.images[indices], self.labels[indices]
+
+  def fingerprint(self) -> dict:
+    """The example count and a SHA-256 of every label and pixel (a resumed run checks it)."""
+    digest = hashlib.sha256(np.ascontiguousarray(self.labels).tobytes())
+    digest.update(np.ascontiguousarray(self.images).tobytes())
+    return {"examples": len(self), "sha256": digest.hexdigest()}
 
 
 TFDS_DATASETS = ("imagenet_resized/64x64", "imagenet2012")
@@ -185,6 +193,20 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: str, image_size: int):
     self._source = open_tfds(name, split, data_dir)
     self.image_size = image_size
+    self._name, self._split, self._data_dir = name, split, data_dir
+
+  def fingerprint(self) -> dict:
+    """The example count and a SHA-256 of the split's metadata (version, shard files and
+    their lengths and sizes): a rebuilt or different dataset changes it."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = tfds.builder(self._name, data_dir=self._data_dir or None)
+    info = builder.info.splits[self._split]
+    metadata = {"name": self._name, "version": str(builder.version), "split": self._split,
+                "shard_lengths": [int(n) for n in info.shard_lengths],
+                "num_bytes": int(info.num_bytes),
+                "files": sorted(str(f).rsplit("/", 1)[-1] for f in info.filenames)}
+    digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    return {"examples": len(self), "sha256": digest.hexdigest()}
 
   def __len__(self) -> int:
     return len(self._source)

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cfgdiff import allocator, configs
+from cfgdiff import allocator, configs, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -33,18 +33,23 @@ _MULTIHOST = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a run under changed training keys (seed, "
+    "train.*, data) or changed training data; each change is recorded in "
+    "WORKDIR/config_history.jsonl. Without it such a resume is refused.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Exit status of a training run that saved and stopped on SIGTERM before its last step
-# (EX_TEMPFAIL: "try again"): launch/slurm_gpu.sbatch requeues the job on it.
-EXIT_PREEMPTED = 75
+# Exit statuses a launcher acts on (cfgdiff/preemption.py): 75 saved on SIGTERM and 77 a
+# stalled step are requeued by launch/slurm_gpu.sbatch; 76 (the workdir was taken over)
+# and 78 (diverged) are not; 2 is a usage or data error.
+EXIT_PREEMPTED = preemption.EXIT_PREEMPTED
 
 _CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cfgdiff", "jax")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
   print(f"cfgdiff: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -96,6 +101,7 @@ def _quiet_orbax_info(record: std_logging.LogRecord) -> bool:
 
 def main(argv: list[str]) -> None:
   del argv
+  preemption.install()  # first: a SIGTERM from here on is remembered, never lost
   logging.get_absl_handler().addFilter(_quiet_orbax_info)
   config = _CONFIG.value
   try:
@@ -112,24 +118,33 @@ def main(argv: list[str]) -> None:
                         os.environ.get("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     configs.validate(config, jax.device_count(), jax.local_device_count())
-    logging.info("JAX %s on %d %s device(s), %d process(es); memory allocator: %s.",
-                 jax.__version__, jax.device_count(), jax.default_backend(),
-                 jax.process_count(), allocator.in_use())
+    # One line naming backend, device kind and count; refuses a CPU fallback on a GPU or
+    # TPU machine unless JAX_PLATFORMS=cpu (a ConfigError: one line, nothing written).
+    from cfgdiff import backend  # pylint: disable=g-import-not-at-top
+    backend.start_up(jax, allocator.in_use())
 
     # pylint: disable-next=g-import-not-at-top
-    from cfgdiff import checkpoint, data, sampling, sweep, train, workdir_lock
+    from cfgdiff import checkpoint, data, resume, sampling, sweep, train, workdir_lock
     try:
       if _MODE.value == "train":
-        state = train.train(config, _WORKDIR.value)
+        state = train.train(config, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
         if int(state.step) < config.train.num_steps:
           # Saved early on SIGTERM: a distinct code lets a launcher requeue the job.
-          sys.exit(EXIT_PREEMPTED)
+          sys.exit(preemption.EXIT_PREEMPTED)
       else:
         run = sampling.run if _MODE.value == "sample" else sweep.run
         for path in run(config, _WORKDIR.value):
           print(path)
-    except (data.DataError, checkpoint.CheckpointError, workdir_lock.WorkdirBusyError) as e:
+    except (data.DataError, checkpoint.CheckpointError, workdir_lock.WorkdirBusyError,
+            resume.ResumeError) as e:
       _fail(str(e))
+    except workdir_lock.LockLostError as e:
+      _fail(str(e), preemption.EXIT_LOCK_LOST)
+    except train.DivergedError as e:
+      _fail(str(e), preemption.EXIT_DIVERGED)
+    except preemption.Preempted as e:
+      logging.warning("%s", e)
+      sys.exit(preemption.EXIT_PREEMPTED)
   except configs.ConfigError as e:
     _fail(str(e))
 

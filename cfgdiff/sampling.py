@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
 
-from cfgdiff import build, checkpoint, data, files, samplers
+from cfgdiff import build, checkpoint, data, files, preemption, samplers
 from cfgdiff.progress import Progress
 
 
@@ -233,7 +233,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   logging.info("Sampling %d images x %d weights with %s, %d steps, from step %d.",
                labels.size, len(sc.guidance_weights), sc.sampler, sc.num_steps, sampler.step)
   progress = Progress("Sampling", len(sc.guidance_weights) * labels.size)
+  stop = preemption.StopAgreement()
   for w in sc.guidance_weights:
+    stop.stop_here(f"samples written for {len(written)} of {len(sc.guidance_weights)} weights")
     images = sampler.sample(labels, w, seed=config.seed, progress=progress.advance)
     if jax.process_index() == 0:
       png, _ = write_samples(str(files.path(workdir) / "samples"), float(w), images, labels,

@@ -24,7 +24,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cfgdiff import checkpoint, configs, data, files, multihost, sampling
+from cfgdiff import (
+  checkpoint,
+  configs,
+  data,
+  files,
+  multihost,
+  preemption,
+  sampling,
+  train,
+  workdir_lock,
+)
 from cfgdiff.evaluation import evaluator as evaluator_lib
 from cfgdiff.evaluation import metrics as metrics_lib
 from cfgdiff.progress import Progress
@@ -338,28 +348,37 @@ def plot_tradeoff(rows: list[dict], path: str) -> None:
   files.write_atomic(path, buffer.getvalue())
 
 
+def committed_steps(run: Run) -> list[int]:
+  """The run's committed checkpoint steps now, the same on every process."""
+  # Process 0 alone lists the folder (a collective Orbax manager would wait for the others).
+  return multihost.agreed(checkpoint.saved_steps(run.path) if jax.process_index() == 0 else [])
+
+
 def latest_step(run: Run) -> int | None:
   """The run's newest checkpoint step now, the same on every process."""
-  # Process 0 alone lists the folder (a collective Orbax manager would wait for the others).
-  steps = checkpoint.saved_steps(run.path) if jax.process_index() == 0 else []
-  return multihost.agreed(steps[-1] if steps else None)
+  steps = committed_steps(run)
+  return steps[-1] if steps else None
 
 
 def restore_newest(run: Run, config: ml_collections.ConfigDict,
                    sampler: sampling.CheckpointSampler | None = None
                    ) -> sampling.CheckpointSampler:
-  """The run's newest checkpoint, sampled with this sweep's config.sample options:
-  loaded into ``sampler`` (the run's, from an earlier step: nothing compiles again) or a
-  new one.
+  """The run's newest readable checkpoint, sampled with this sweep's config.sample
+  options: loaded into ``sampler`` (the run's, from an earlier step: nothing compiles
+  again) or a new one.
 
   Beside a live training job the chosen step can be deleted (train.keep_checkpoints)
-  between listing and reading it; then the newest step is listed again and read.
+  between listing and reading it; then the newest step is listed again and read. A step
+  that is still there but cannot be read (damaged files) is left in place for training
+  to move aside, and the step before it is read instead, with a warning.
   """
-  for attempt in range(RESTORE_ATTEMPTS):
-    step = latest_step(run)
-    if step is None:
-      raise checkpoint.CheckpointError(f"no checkpoint in {run.path}/checkpoints.")
-    error = None
+  below = None  # only steps below this one: it, or a newer one, failed while present
+  error = None
+  for _ in range(RESTORE_ATTEMPTS):
+    steps = [s for s in committed_steps(run) if below is None or s < below]
+    if not steps:
+      raise error or checkpoint.CheckpointError(f"no checkpoint in {run.path}/checkpoints.")
+    step, error = steps[-1], None
     try:
       if sampler is None:
         run_config = run.config.copy_and_resolve_references()
@@ -371,17 +390,22 @@ def restore_newest(run: Run, config: ml_collections.ConfigDict,
       error = e
     if not multihost.any_process(error is not None):
       return sampler
-    if latest_step(run) == step or attempt == RESTORE_ATTEMPTS - 1:
-      raise error or checkpoint.CheckpointError(
-          f"checkpoint {step} of {run.path} could not be read on another process.")
-    logging.info("Sweep: %s step %d was deleted by training before it was read; "
-                 "taking the newest step instead.", run.name, step)
-  raise AssertionError("unreachable")
+    error = error or checkpoint.CheckpointError(
+        f"checkpoint {step} of {run.path} could not be read on another process.")
+    if step in committed_steps(run):
+      logging.warning("Sweep: %s step %d cannot be restored (%s); reading the step before "
+                      "it instead.", run.name, step, str(error).split(" If the files")[0])
+      below = step
+    else:
+      logging.info("Sweep: %s step %d was deleted by training before it was read; "
+                   "taking the newest step instead.", run.name, step)
+  raise error
 
 
 def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
                    config: ml_collections.ConfigDict, evaluator: evaluator_lib.Evaluator,
-                   out_dir: str, progress: Progress) -> dict:
+                   out_dir: str, progress: Progress,
+                   stop: preemption.StopAgreement | None = None) -> dict:
   """Samples sweep.num_samples images at ``w`` and scores them. Each process scores the
   images its own devices drew; the evaluator reduces the statistics across processes."""
   sw, run_config = config.sweep, sampler.config
@@ -405,6 +429,9 @@ def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
     # Sample indices (= noise indices) let the evaluator refuse a sample counted twice.
     accumulator.update(images, part[positions], indices=start + positions)
     progress.advance(len(part))
+    if stop is not None:
+      stop.stop_here(f"{run.name} w={w:g} was not finished; the finished cells are in "
+                     "results.csv")
   scores = accumulator.result()
   names = (list(data.FASHION_MNIST_CLASSES) if run_config.data.name == "fashion_mnist"
            else None)
@@ -448,17 +475,64 @@ def _missing_weights(run: Run, step: int | None, done: set,
           if (run.name, step, float(w)) + key not in done]
 
 
+def _lock_text(run: Run) -> str:
+  try:
+    return (files.path(run.path) / workdir_lock.LOCK_FILE).read_text()
+  except OSError:  # absent (no job) or unreadable now: no sign of life either way
+    return ""
+
+
+class _Liveness:
+  """Whether an unfinished run's training still lives, judged by what this sweep sees
+  change (its newest step, its lock's heartbeat) on this host's clock: nothing changed
+  for sweep.dead_run_seconds means its training has stopped."""
+
+  def __init__(self, dead_seconds: float):
+    self.dead_seconds = dead_seconds
+    self._seen: dict[str, tuple[tuple, float]] = {}
+
+  def dead(self, run: Run, newest: int | None) -> bool:
+    """True (on every process: process 0 decides) when ``run`` has stopped changing."""
+    now = time.monotonic()
+    if jax.process_index() == 0:
+      state = (newest, _lock_text(run))
+      seen, since = self._seen.get(run.name, (None, now))
+      if seen != state:
+        since = now
+      self._seen[run.name] = (state, since)
+      verdict = now - since > self.dead_seconds
+    else:
+      verdict = False
+    return multihost.agreed(verdict)
+
+
+def _sleep(seconds: float, stop: preemption.StopAgreement) -> None:
+  """Sleeps in steps of at most 10 s, stopping at a SIGTERM (every process takes the
+  same number of steps, so their stop checks pair up)."""
+  steps = max(1, math.ceil(seconds / 10))
+  for _ in range(steps):
+    time.sleep(seconds / steps)
+    stop.stop_here("nothing was being evaluated")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """Evaluates every missing (run, newest step, w) cell; returns the written files.
 
   With sweep.poll_seconds > 0 it keeps polling until every run's final step
-  (train.num_steps) is evaluated: an evaluation job beside live training jobs.
+  (train.num_steps) is evaluated: an evaluation job beside live training jobs. A run
+  whose training diverged (WORKDIR/diverged.json) is not evaluated; a run whose training
+  stopped unfinished (`_Liveness`) ends the polling with a CheckpointError naming it,
+  after the table is written. A SIGTERM stops it between chunks of samples
+  (preemption.Preempted).
   """
   sw = config.sweep
   out_dir = files.path(workdir) / "sweep"
   results_csv = str(out_dir / "results.csv")
   evaluator = None
   samplers: dict[str, sampling.CheckpointSampler] = {}  # one per run, reloaded per step
+  stop = preemption.StopAgreement()
+  liveness = _Liveness(sw.dead_run_seconds)
+  stopped: dict[str, str] = {}  # unfinished runs whose training has stopped
   while True:
     runs = find_runs(workdir)
     if not runs and not sw.poll_seconds:
@@ -469,10 +543,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     done = {_cell_key(r) for r in rows if r.get("fid") not in (None, "")}
     finished = bool(runs)
     for r in runs:
+      if multihost.agreed((files.path(r.path) / train.DIVERGED_FILE).exists()
+                          if jax.process_index() == 0 else None):
+        if r.name not in stopped:
+          logging.warning("Sweep: skipping %s: its training diverged (%s).", r.name,
+                          files.path(r.path) / train.DIVERGED_FILE)
+        stopped[r.name] = "diverged"
+        continue
       # Steps are listed now and restored at once: training deletes old ones meanwhile.
       newest = latest_step(r)
       if not _missing_weights(r, newest, done, config):
-        finished &= newest == r.config.train.num_steps
+        complete = newest == r.config.train.num_steps
+        if not complete and sw.poll_seconds and liveness.dead(r, newest):
+          stopped[r.name] = (f"its training stopped at step {newest} of "
+                             f"{r.config.train.num_steps}")
+          continue
+        finished &= complete
         continue
       sampler = samplers[r.name] = restore_newest(r, config, samplers.get(r.name))
       todo = _missing_weights(r, sampler.step, done, config)
@@ -482,7 +568,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       logging.info("Sweep: %s step %d: %d cells to evaluate (%d already done), %d samples "
                    "each.", r.name, sampler.step, len(todo), len(rows), sw.num_samples)
       for w in todo:
-        row = _evaluate_cell(r, sampler, w, config, evaluator, out_dir, progress)
+        row = _evaluate_cell(r, sampler, w, config, evaluator, out_dir, progress, stop)
         logging.info("%s step %d w=%g: %s", r.name, sampler.step, w,
                      {k: round(row[k], 4) for k in evaluator_lib.METRICS})
         rows.append(_as_written(row | {"fid_floor": evaluator.floor["fid"]}))
@@ -493,8 +579,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     if not sw.poll_seconds or multihost.agreed(finished):
       break
     logging.info("Sweep: waiting %d s for new checkpoints.", sw.poll_seconds)
-    time.sleep(sw.poll_seconds)
+    _sleep(sw.poll_seconds, stop)
 
+  if evaluator is None and not rows and stopped:
+    why_stopped = {name: "its training diverged (see its diverged.json)" if why == "diverged"
+                   else why for name, why in stopped.items()}
+    raise checkpoint.CheckpointError(
+        f"nothing to evaluate under {workdir}: " + "; ".join(
+            f"{name}: {why}" for name, why in why_stopped.items())
+        + ". Resume or retrain those runs first.")
   floor = _floor(config, runs, out_dir, evaluator)
   paths = [str(out_dir / name) for name in ("results.md", "tradeoff.png")]
   if jax.process_index() == 0:
@@ -512,5 +605,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     current = tuple(_canonical(v) for v in settings(config).values())
     plot_tradeoff([r for r in rows if _setting_key(r) == current], paths[1])
     print(table)
+  unfinished = {name: why for name, why in stopped.items() if why != "diverged"}
+  if unfinished:
+    raise checkpoint.CheckpointError(
+        "the sweep stopped polling: " + "; ".join(
+            f"{name}: {why} (no new checkpoint and no lock heartbeat for "
+            f"{sw.dead_run_seconds:.0f} s)" for name, why in unfinished.items())
+        + f". Its table so far is in {paths[0]}; restart that training, then the sweep.")
   grids = [out_dir / f"{r.name}_w{float(w)}.png" for r in runs for w in sw.guidance_weights]
   return [results_csv] + paths + [str(g) for g in grids if g.exists()]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import json
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +21,23 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cfgdiff import build, checkpoint, configs, data, diffusion, files, multihost, workdir_lock
+from cfgdiff import (
+  build,
+  checkpoint,
+  configs,
+  data,
+  diffusion,
+  files,
+  multihost,
+  preemption,
+  resume,
+  watchdog,
+  workdir_lock,
+)
 from cfgdiff.models import UNet
 
 Array = jnp.ndarray
@@ -180,33 +190,6 @@ def make_pipeline(config: ml_collections.ConfigDict, start_step: int) -> data.Pi
   return data.Pipeline(make_batcher(config), start_step, config.data.num_workers)
 
 
-_CONFIG_FILE = "config.json"
-# Keys that must not change when a run resumes: they change what the checkpoint means
-# (where the data lives and how many processes decode it do not).
-_FROZEN_SECTIONS = ("data", "model", "diffusion")
-_RESUMABLE_KEYS = ("data.path", "data.num_workers")
-
-
-def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes WORKDIR/config.json on the first run; refuses to resume under another model."""
-  path = files.path(workdir) / _CONFIG_FILE
-  current = json.loads(config.to_json_best_effort())
-  if path.exists():
-    with path.open() as f:
-      saved = json.load(f)
-    # A key added since the run started counts as its default (what the run used).
-    defaults = json.loads(configs.default_config().to_json_best_effort())
-    for section in _FROZEN_SECTIONS:
-      for key, value in current[section].items():
-        was = saved.get(section, {}).get(key, defaults[section][key])
-        if f"{section}.{key}" not in _RESUMABLE_KEYS and was != value:
-          raise checkpoint.CheckpointError(
-              f"{workdir} was trained with config.{section}.{key}={was!r}, not {value!r}; "
-              "resume with the original value or use a new --workdir.")
-  if jax.process_index() == 0:
-    files.write_atomic(path, json.dumps(current, indent=2))
-
-
 _KERNEL_GRADIENT_FILE = "kernel_gradient.json"
 _TIMED = ("taps", "xla")  # the kernel gradients "auto" chooses between
 _TIMED_STEPS = 5  # per variant and round; two rounds, alternating
@@ -313,40 +296,6 @@ def _save_kernel_gradient(path, choice: str, seconds: dict[str, float] | None) -
     logging.warning("Could not write %s (%s); a resumed run will time again.", path, error)
 
 
-class PreemptionFlag:
-  """Set by SIGTERM (what TPU VMs, SLURM and Kubernetes send before preemption).
-
-  The loop asks it after every step, then saves and exits cleanly. With several
-  processes, JAX's preemption sync manager (started by jax.distributed.initialize; it
-  catches SIGTERM itself) agrees on a step in the background, so every host stops at
-  the same step and joins the same save without a collective per step.
-  """
-
-  def __init__(self):
-    self._set = False
-    self._sync_manager = (jax.process_count() > 1 and
-                          jax.config.jax_enable_preemption_service)
-    if not self._sync_manager:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self._set = True
-
-  def should_stop(self, step: int) -> bool:
-    """True at the step where every process saves and stops; call it at every step."""
-    if self._sync_manager:
-      return multihost_utils.reached_preemption_sync_point(step)
-    if jax.process_count() == 1:
-      return self._set
-    # jax_enable_preemption_service=False: agree with a collective every step.
-    return multihost.any_process(self._set)
-
-  def restore(self) -> None:
-    if not self._sync_manager:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def lock_workdir(config: ml_collections.ConfigDict,
                  workdir: str) -> workdir_lock.WorkdirLock | None:
   """Process 0 takes WORKDIR/train.lock and every process learns whether it got it.
@@ -368,41 +317,73 @@ def lock_workdir(config: ml_collections.ConfigDict,
   return lock
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          allow_config_change: bool = False) -> build.TrainState:
   """Trains (or resumes) to config.train.num_steps, checkpointing into WORKDIR/checkpoints.
 
   Returns the final state; its step is below config.train.num_steps when the job was
   preempted (SIGTERM) and saved early. Refuses, writing nothing, a workdir that another
-  live training job holds (`lock_workdir`).
+  live training job holds (`lock_workdir`), and a resume that would change the run's
+  trajectory or data (`cfgdiff.resume`) unless ``allow_config_change``. Raises
+  workdir_lock.LockLostError when another job takes the workdir over, and DivergedError
+  after train.max_nonfinite_steps non-finite updates in a row.
   """
   lock = lock_workdir(config, workdir)
   try:
-    return _train(config, workdir)
+    return _train(config, workdir, lock, allow_config_change)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
-  # clu's writers import TensorFlow: imported here so the library's math never loads it.
-  from clu import metric_writers, periodic_actions
+class DivergedError(RuntimeError):
+  """Too many non-finite updates in a row: the run has diverged."""
+
+
+DIVERGED_FILE = "diverged.json"  # in the workdir: the sweep skips such a run
+
+
+def _restore_or_create(config, workdir, model, optimizer, mesh, ckpt):
+  """The newest restorable checkpoint's state (damaged newer steps moved aside), or a
+  fresh state."""
+  if ckpt.latest_step() is None:
+    return build.create_state(config, model, optimizer, mesh)
+  state, position, step = ckpt.restore_newest_good(
+      build.abstract_state(config, model, optimizer, mesh))
+  # The input pipeline's saved state is its next step, which must be the train step's.
+  if position["next_step"] != int(state.step):
+    raise checkpoint.CheckpointError(
+        f"checkpoint {step} is inconsistent: data position {position['next_step']} != "
+        f"train step {int(state.step)}.")
+  logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+  return state
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           lock: workdir_lock.WorkdirLock | None, allow_config_change: bool
+           ) -> build.TrainState:
+  # clu's writers import TensorFlow: imported here so the library's math never loads it,
+  # and installed only with the train extra (sampling and evaluation need none of it).
+  try:
+    from clu import metric_writers, periodic_actions
+  except ImportError as e:
+    raise configs.ConfigError(
+        f"training writes its metrics with clu and TensorBoard, which are not installed "
+        f"({e}): run `pip install -e '.[train]'` (make setup does).") from e
 
   tc = config.train
-  check_resumable(config, workdir)
-  make_source(config)  # bad data is refused before anything compiles
+  saved = checkpoint.saved_steps(workdir)
+  resume.check_config(config, workdir, saved[-1] if saved else 0, allow_config_change)
+  source = make_source(config)  # bad data is refused before anything compiles
+  resume.check_data(source.fingerprint(), workdir, saved[-1] if saved else 0,
+                    allow_config_change)
+  del source
+  if (files.path(workdir) / DIVERGED_FILE).exists() and jax.process_index() == 0:
+    (files.path(workdir) / DIVERGED_FILE).unlink()  # a new attempt (e.g. a lower rate)
   mesh = build.make_mesh(tuple(config.runtime.mesh_shape))
   model, optimizer = build.make_model(config), build.make_optimizer(tc)
   ckpt = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
-  if ckpt.latest_step() is None:
-    state = build.create_state(config, model, optimizer, mesh)
-  else:
-    state, position = ckpt.restore(build.abstract_state(config, model, optimizer, mesh))
-    # The input pipeline's saved state is its next step, which must be the train step's.
-    if position["next_step"] != int(state.step):
-      raise checkpoint.CheckpointError(
-          f"checkpoint {ckpt.latest_step()} is inconsistent: data position "
-          f"{position['next_step']} != train step {int(state.step)}.")
-    logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+  state = _restore_or_create(config, workdir, model, optimizer, mesh, ckpt)
   start = int(state.step)
 
   step_fn = compile_train_step_for_backend(config, model, optimizer, mesh, state, workdir)
@@ -414,14 +395,85 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> build.TrainState:
   logging.info("Training %d steps from step %d on %d device(s); batch %d.",
                tc.num_steps, start, jax.device_count(), tc.batch_size)
 
-  preemption = PreemptionFlag()
-  with make_pipeline(config, start) as pipeline:
-    state = _loop(config, state, step_fn, pipeline, mesh, ckpt, writer, report, preemption)
-  preemption.restore()
-  ckpt.wait()
+  guard = _Guards(config, workdir, lock)
+  try:
+    with make_pipeline(config, start) as pipeline:
+      state = _loop(config, state, step_fn, pipeline, mesh, ckpt, writer, report, guard)
+  except BaseException:
+    _finish_saving(ckpt, guard, already_failing=True)
+    raise
+  _finish_saving(ckpt, guard)
   writer.flush()
-  ckpt.close()
   return state
+
+
+def _finish_saving(ckpt: checkpoint.Checkpointer, guard: _Guards,
+                   already_failing: bool = False) -> None:
+  """Lets a save in flight commit (or fail) before the job ends; the watchdog still
+  watches that wait. A save error is raised, unless the job is already failing."""
+  try:
+    ckpt.wait()
+  except checkpoint.CheckpointError as e:
+    if not already_failing:
+      raise
+    logging.error("%s", e)
+  finally:
+    guard.watchdog.stop()
+    ckpt.close()
+
+
+class _Guards:
+  """What the loop checks besides training: SIGTERM, the lock, divergence, the watchdog."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               lock: workdir_lock.WorkdirLock | None):
+    self.config, self.workdir, self.lock = config, workdir, lock
+    self.preemption = preemption.StopAgreement()
+    self.watchdog = watchdog.StepWatchdog(
+        config.runtime.step_timeout_seconds or float("inf"), jax.process_index(),
+        jax.process_count(), on_stall=lock.release if lock is not None else None)
+    self._unchecked: list[tuple[int, Array]] = []  # (step, finite flag) not yet read
+    self._nonfinite_run = 0  # non-finite updates in a row, up to the last checked step
+    self._last_finite = -1
+
+  def check_lock(self, done: int, saving: bool) -> None:
+    """Raises LockLostError, on every process, when another job took the workdir."""
+    if jax.process_count() == 1:
+      lost = self.lock is not None and (self.lock.lost or (saving and not self.lock.held()))
+    elif saving or done % self.config.train.log_every_steps == 0:  # a collective: seldom
+      lost = multihost.any_process(self.lock is not None and not self.lock.held())
+    else:
+      return
+    if lost:
+      raise (self.lock.lost_error() if self.lock is not None else workdir_lock.LockLostError(
+          "process 0's workdir lock was taken over by another job; stopped without saving."))
+
+  def add_finite(self, step: int, finite: Array) -> None:
+    self._unchecked.append((step, finite))
+
+  def check_divergence(self) -> None:
+    """Reads the finite flags of the steps since the last check; raises DivergedError at
+    train.max_nonfinite_steps non-finite updates in a row (writing WORKDIR/diverged.json)."""
+    limit = self.config.train.max_nonfinite_steps
+    flags = jax.device_get([f for _, f in self._unchecked])
+    for (step, _), finite in zip(self._unchecked, flags, strict=True):
+      if finite:
+        self._nonfinite_run, self._last_finite = 0, step
+        continue
+      self._nonfinite_run += 1
+      if limit and self._nonfinite_run >= limit:
+        self._unchecked = []
+        message = (f"training diverged: {self._nonfinite_run} non-finite updates in a row "
+                   f"(train.max_nonfinite_steps={limit}), the last at step {step}; every one "
+                   "was skipped, so the checkpoints hold the last finite parameters. Lower "
+                   "train.learning_rate (or raise train.grad_clip's strictness) and resume, "
+                   "or start again in a new --workdir.")
+        if jax.process_index() == 0:
+          files.write_atomic(files.path(self.workdir) / DIVERGED_FILE, json.dumps(
+              {"step": step, "nonfinite_in_a_row": self._nonfinite_run,
+               "last_finite_step": self._last_finite}))
+        raise DivergedError(message)
+    self._unchecked = []
 
 
 # Steps dispatched ahead of the devices on CPU. A workaround, to revisit with jaxlib > 0.10.2:
@@ -434,32 +486,44 @@ _MAX_CPU_STEPS_IN_FLIGHT = 2
 
 def _loop(config: ml_collections.ConfigDict, state: build.TrainState, step_fn: Callable,
           pipeline: data.Pipeline, mesh: Mesh, ckpt: checkpoint.Checkpointer, writer,
-          report: Callable[[int], None], preemption: PreemptionFlag) -> build.TrainState:
+          report: Callable[[int], None], guard: _Guards) -> build.TrainState:
   """Steps from ``state.step`` to train.num_steps, or to the step a SIGTERM stops at;
   logs through ``writer`` (a clu metric writer) and saves the pipeline's state with
-  every checkpoint."""
+  every checkpoint. Stops, saving nothing more, when the lock is lost or the run diverges.
+  """
   tc = config.train
   window: list[dict[str, Array]] = []
   in_flight: collections.deque[dict[str, Array]] = collections.deque()
   max_in_flight = _MAX_CPU_STEPS_IN_FLIGHT if jax.default_backend() == "cpu" else None
   window_start = time.time()
-  for step in range(int(state.step), tc.num_steps):
+  start = int(state.step)
+  for step in range(start, tc.num_steps):
     state, metrics = step_fn(state, build.global_batch(next(pipeline), mesh))
+    done = step + 1
+    if step == start:  # armed once the first step (which compiles) has run
+      jax.block_until_ready(metrics)
+      guard.watchdog.start(done)
+    guard.watchdog.beat(done)
     window.append(metrics)
+    guard.add_finite(done, metrics["finite"])
     if max_in_flight is not None:
       in_flight.append(metrics)
       if len(in_flight) > max_in_flight:
         jax.block_until_ready(in_flight.popleft())
-    done = step + 1
     report(done)
+    saving = done % tc.checkpoint_every_steps == 0 or done == tc.num_steps
     if done % tc.log_every_steps == 0 or done == tc.num_steps:
       summary = summarize(jax.device_get(window))
       summary["images_per_second"] = len(window) * tc.batch_size / (time.time() - window_start)
       summary["skipped_updates_total"] = int(state.num_skipped)
       writer.write_scalars(done, summary)
       window, window_start = [], time.time()
-    preempted = preemption.should_stop(done)
-    if done % tc.checkpoint_every_steps == 0 or done == tc.num_steps or preempted:
+      ckpt.check_for_errors()
+    preempted = guard.preemption.should_stop(done)
+    guard.check_lock(done, saving or preempted)
+    if saving or preempted or done % tc.log_every_steps == 0:
+      guard.check_divergence()
+    if saving or preempted:
       ckpt.save(done, state, pipeline.get_state())
     if preempted:
       logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved; run the same "

@@ -15,8 +15,11 @@
 #   CFGDIFF_WAIT=1 launch/tpu_pod.sh ...      waits and exits with worker 0's status
 #
 # Preemption / maintenance: the workers get SIGTERM; cfgdiff saves at the next step and
-# exits 75. Run the same command again to resume (or use a queued resource). A second
-# training job on a workdir whose first job is still alive is refused (WORKDIR/train.lock).
+# exits 75. A hung worker makes the others exit 77 after runtime.step_timeout_seconds.
+# On 75 or 77 run the same command again to resume from the newest readable checkpoint
+# (or use a queued resource); on 76 (another job took the workdir) or 78 (diverged, see
+# WORKDIR/diverged.json) do not. A second training job on a workdir whose first job is
+# still alive is refused (WORKDIR/train.lock); a worker that rebooted takes it at once.
 #
 # Table 1: three training runs (--config.diffusion.p_uncond=0.1/0.2/0.5, workdirs
 # gs://BUCKET/table1/p_uncond_0.1 ...) and, on a second slice, one evaluation job that

@@ -1,11 +1,15 @@
 """The launchers' host set-up: a Python >= 3.11 found or installed the way a stock
-Ubuntu 22.04 TPU VM needs it, and a clear refusal of an older Python."""
+Ubuntu 22.04 TPU VM needs it, and a clear refusal of an older Python; the SLURM script's
+requeue decision on cfgdiff's exit status."""
 
 import os
 import shutil
 import subprocess
 import sys
 
+import pytest
+
+from cfgdiff import preemption
 from tests.conftest import ROOT
 
 SETUP = os.path.join(ROOT, "launch", "setup_worker.sh")
@@ -67,3 +71,27 @@ def test_cfgdiff_refuses_an_old_python_in_one_line():
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("ImportError: cfgdiff needs Python >= 3.11") and "apt-get" in last
+
+
+@pytest.mark.parametrize("code,restart,requeued", [
+    (preemption.EXIT_PREEMPTED, 9, True), (preemption.EXIT_STALLED, 0, True),
+    (preemption.EXIT_STALLED, 5, False), (preemption.EXIT_LOCK_LOST, 0, False),
+    (preemption.EXIT_DIVERGED, 0, False), (1, 0, False)])
+def test_slurm_script_requeues_preemption_and_stalls_only(tmp_path, code, restart, requeued):
+  """slurm_gpu.sbatch's decision on cfgdiff's exit status (preemption.py), with stand-ins
+  for srun (exiting as the job would) and scontrol (recording the requeue)."""
+  bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(f"#!/bin/sh\nexit {code}\n")
+  (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+  for name in ("srun", "scontrol"):
+    (bin_dir / name).chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="31",
+             SLURM_RESTART_COUNT=str(restart))
+  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch"),
+                         str(tmp_path / "w")], cwd=ROOT, env=env, capture_output=True,
+                        text=True, check=False)
+  assert proc.returncode == (0 if requeued else code), proc.stdout + proc.stderr
+  assert (calls.read_text() if calls.exists() else "") == ("requeue 31\n" if requeued else "")
+  if code != 1 and not requeued:
+    assert "not requeued" in proc.stdout
