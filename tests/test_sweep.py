@@ -2,13 +2,17 @@
 the table, the plot, the grids, and resuming without redoing finished cells."""
 
 import csv
+import json
 import os
+import shutil
+import signal
+import time
 
 import numpy as np
 import pytest
 
 from cfgdiff import sweep
-from tests.conftest import TINY_CONFIG, run_cli
+from tests.conftest import TINY_CONFIG, run_cli, start_cli_processes, wait_cli_processes
 
 SWEEP_ARGS = ["--mode=sweep", "--config.sweep.guidance_weights=(0.0,3.0)",
               "--config.sweep.num_samples=24", "--config.sweep.sampler=ddim",
@@ -105,6 +109,46 @@ def test_polling_sweep_evaluates_new_checkpoints_until_training_ends(synthetic_d
                                                                    "results.csv"))]
   assert steps[-1] == 60 and steps == sorted(steps), steps
   assert "waiting 2 s for new checkpoints" in sweeper.stderr or len(steps) == 1
+
+
+def _with_a_stopped_run(swept, tmp_path) -> str:
+  """A copy of the swept runs in which p_uncond_0.5 was meant to train 40 steps but its
+  job died at step 20 (no lock, no new checkpoint)."""
+  root = shutil.copytree(swept[0], str(tmp_path / "copy"))
+  path = os.path.join(root, "p_uncond_0.5", "config.json")
+  with open(path) as f:
+    run_config = json.load(f)
+  run_config["train"]["num_steps"] = 40
+  with open(path, "w") as f:
+    json.dump(run_config, f)
+  return root
+
+
+def test_polling_sweep_ends_in_one_line_when_a_run_stopped_unfinished(swept, tmp_path):
+  root = _with_a_stopped_run(swept, tmp_path)
+  proc = run_cli(*swept[1], f"--workdir={root}", *SWEEP_ARGS, "--config.sweep.poll_seconds=1",
+                 "--config.sweep.dead_run_seconds=3")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "the sweep stopped polling: p_uncond_0.5: its training stopped at step 20 of 40" in last
+  assert "p_uncond_0.1" not in last, "the finished run is not reported"
+  assert os.path.exists(os.path.join(root, "sweep", "results.md")), "its table is written"
+
+
+def test_multihost_polling_sweep_exits_75_on_sigterm(swept, tmp_path):
+  root = _with_a_stopped_run(swept, tmp_path)
+  logs = str(tmp_path / "logs")
+  (job,) = start_cli_processes(1, *swept[1], f"--workdir={root}", *SWEEP_ARGS,
+                               "--config.sweep.poll_seconds=1",
+                               "--config.sweep.dead_run_seconds=100000", log_dir=logs)
+  log = os.path.join(logs, "process_0.log")
+  deadline = time.monotonic() + 300
+  while "waiting 1 s for new checkpoints" not in open(log).read():
+    assert job.poll() is None and time.monotonic() < deadline, open(log).read()[-3000:]
+    time.sleep(0.2)
+  job.send_signal(signal.SIGTERM)
+  (text,) = wait_cli_processes([job], logs, timeout=120, expected_code=75)
+  assert "Preempted (SIGTERM): nothing was being evaluated" in text
 
 
 def test_every_sample_setting_is_part_of_a_cell_and_tables_never_mix_settings():

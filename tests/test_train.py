@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfgdiff import allocator, build, checkpoint, train
+from cfgdiff import allocator, build, checkpoint, configs, train
 from tests.conftest import ROOT, TINY_CONFIG, run_cli
 
 
@@ -168,9 +168,9 @@ def test_flat_gradient_allreduce_is_chosen_only_where_it_is_exact():
 
 
 def _final_state(workdir: str, step: int, data_dir: str) -> build.TrainState:
-  """Reads a checkpoint written from 2 devices onto this process's 1-device mesh."""
-  from tests import tiny_config
-  config = tiny_config.get_config()
+  """Reads a checkpoint (written from any number of devices) onto this process's 1-device
+  mesh, under the config the workdir was trained with."""
+  config = configs.from_json(os.path.join(workdir, "config.json"))
   config.data.path = data_dir
   mesh = build.make_mesh()
   target = build.abstract_state(config, build.make_model(config),
