@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cfgdiff import topology
 from cfgdiff.models import UNet
 
 Array = jnp.ndarray
@@ -61,11 +62,16 @@ BATCH = P(MESH_AXES)
 def make_mesh(shape: tuple[int, int] = (-1, 1),
               devices: list[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp) mesh over ``devices`` (all by default); data = -1 takes the remaining
-  devices; fsdp = 0 means this host's device count (shards stay on one host's fast links,
-  whatever the host: 4 chips on a v4/v5p host, 8 GPUs on a DGX node)."""
-  devices = np.asarray(devices or jax.devices())
+  devices; fsdp = 0 means one node's device count, each shard group one node's devices in
+  process order (shards stay on a node's fast links: 4 chips on a v4/v5p host, 8 GPUs on
+  a DGX node, whether SLURM started one process per GPU or one per node;
+  `topology.node_device_count`, a collective the first time)."""
+  devices = list(devices or jax.devices())
   data, fsdp = shape
-  return Mesh(devices.reshape((data, fsdp or jax.local_device_count())), MESH_AXES)
+  if fsdp == 0:
+    fsdp = topology.node_device_count()
+    devices.sort(key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices).reshape((data, fsdp)), MESH_AXES)
 
 
 def leaf_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:

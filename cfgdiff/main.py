@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cfgdiff import allocator, configs, preemption
+from cfgdiff import allocator, configs, preemption, topology
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -117,7 +117,11 @@ def main(argv: list[str]) -> None:
       jax.config.update("jax_compilation_cache_dir",
                         os.environ.get("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-    configs.validate(config, jax.device_count(), jax.local_device_count())
+    # fsdp = 0 is one node's devices, counted over the processes sharing its host name.
+    shape = tuple(config.runtime.mesh_shape)
+    node_devices = (topology.node_device_count() if len(shape) == 2 and shape[1] == 0
+                    else jax.local_device_count())
+    configs.validate(config, jax.device_count(), node_devices)
     # One line naming backend, device kind and count; refuses a CPU fallback on a GPU or
     # TPU machine unless JAX_PLATFORMS=cpu (a ConfigError: one line, nothing written).
     from cfgdiff import backend  # pylint: disable=g-import-not-at-top

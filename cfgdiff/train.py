@@ -392,8 +392,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
                           for k, v in configs.flatten(config)})
   report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  logging.info("Training %d steps from step %d on %d device(s); batch %d.",
-               tc.num_steps, start, jax.device_count(), tc.batch_size)
+  logging.info("Training %d steps from step %d on %d device(s), mesh data %d x fsdp %d; "
+               "batch %d.", tc.num_steps, start, jax.device_count(), mesh.shape["data"],
+               mesh.shape["fsdp"], tc.batch_size)
 
   guard = _Guards(config, workdir, lock)
   try:

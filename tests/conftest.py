@@ -73,13 +73,25 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_cli_processes(num_processes: int, *args: str, log_dir: str) -> list[subprocess.Popen]:
+def _as_host(name: str, folder: str) -> list[str]:
+  """A command prefix that runs its command as host ``name``: its own UTS namespace, and
+  a mount namespace whose /etc/hosts resolves ``name`` (Gloo looks its host name up)."""
+  hosts = os.path.join(folder, f"hosts.{name}")
+  with open("/etc/hosts") as f, open(hosts, "w") as out:
+    out.write(f.read() + f"\n127.0.0.1 {name}\n")
+  return ["unshare", "--uts", "--mount", "sh", "-c",
+          f'hostname "$0" && mount --bind {hosts} /etc/hosts && exec "$@"', name]
+
+
+def start_cli_processes(num_processes: int, *args: str, log_dir: str,
+                        hostnames: list[str] | None = None) -> list[subprocess.Popen]:
   """Starts the CLI as ``num_processes`` cooperating JAX processes on this host.
 
   Each process calls jax.distributed.initialize against a coordinator on a free local
   port and owns one CPU device; collectives between them go over Gloo, as between hosts.
   Process i writes its console to ``log_dir/process_{i}.log`` (files, so that no pipe
-  fills up and stalls a process).
+  fills up and stalls a process). With ``hostnames``, process i runs in its own UTS
+  namespace named hostnames[i]: processes with one name are one "node".
   """
   coordinator = f"localhost:{free_port()}"
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -87,8 +99,9 @@ def start_cli_processes(num_processes: int, *args: str, log_dir: str) -> list[su
   procs = []
   for i in range(num_processes):
     with open(os.path.join(log_dir, f"process_{i}.log"), "w") as log:
+      node = _as_host(hostnames[i], log_dir) if hostnames else []
       procs.append(subprocess.Popen(
-          [sys.executable, "-m", "cfgdiff.main", *args, "--config.runtime.cpu_devices=1",
+          [*node, sys.executable, "-m", "cfgdiff.main", *args, "--config.runtime.cpu_devices=1",
            "--multihost", f"--coordinator_address={coordinator}",
            f"--num_processes={num_processes}", f"--process_id={i}"],
           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log))
@@ -115,8 +128,8 @@ def wait_cli_processes(procs: list[subprocess.Popen], log_dir: str, timeout: int
   return logs
 
 
-def run_cli_processes(num_processes: int, *args: str, log_dir: str,
-                      timeout: int = 600) -> list[str]:
+def run_cli_processes(num_processes: int, *args: str, log_dir: str, timeout: int = 600,
+                      hostnames: list[str] | None = None) -> list[str]:
   """Runs `start_cli_processes` to the end; returns each process's console (stderr)."""
-  procs = start_cli_processes(num_processes, *args, log_dir=log_dir)
+  procs = start_cli_processes(num_processes, *args, log_dir=log_dir, hostnames=hostnames)
   return wait_cli_processes(procs, log_dir, timeout)
