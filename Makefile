@@ -125,8 +125,11 @@ reference: setup
 lint: setup-test
 	$(PY) -m ruff check .
 
+# Two workers, one module each at a time, longest first (tests/conftest.py): most tests
+# wait on one compile, which uses one core.
 test: setup-test lint
-	$(PY) -m cfgdiff.allocator $(PY) -m pytest -q --durations=25 tests
+	$(PY) -m cfgdiff.allocator $(PY) -m pytest -q --durations=25 -n 2 --dist loadfile \
+	  --no-loadscope-reorder tests
 
 sample: setup
 	$(CLI) --workdir=$(WORKDIR) --mode=sample

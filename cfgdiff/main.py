@@ -126,6 +126,9 @@ def main(argv: list[str]) -> None:
     # TPU machine unless JAX_PLATFORMS=cpu (a ConfigError: one line, nothing written).
     from cfgdiff import backend  # pylint: disable=g-import-not-at-top
     backend.start_up(jax, allocator.in_use())
+    if _MODE.value == "train":  # may choose train.microbatch_size; refuses what cannot fit
+      from cfgdiff import memory_plan  # pylint: disable=g-import-not-at-top
+      memory_plan.check_training(config, shape[1] if shape[1] > 0 else node_devices)
 
     # pylint: disable-next=g-import-not-at-top
     from cfgdiff import checkpoint, data, resume, sampling, sweep, train, workdir_lock

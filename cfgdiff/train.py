@@ -59,14 +59,18 @@ def flat_allreduce_applies(config: ml_collections.ConfigDict, mesh: Mesh) -> boo
 
 def make_train_step(config: ml_collections.ConfigDict, model: UNet,
                     optimizer: optax.GradientTransformation, mesh: Mesh,
-                    flat_allreduce: bool | None = None,
+                    flat_allreduce: bool | None = None, scan_microbatches: bool | None = None,
                     ) -> Callable[[build.TrainState, dict[str, Array]], tuple]:
   """Builds train_step(state, batch) -> (state, metrics) (not yet jitted).
 
   ``batch`` holds 'image' float32 [B,H,W,C] in [-1, 1] and 'label' int32 [B].
   With train.microbatch_size > 0 the gradient is accumulated over micro-batches: the
   same gradient up to rounding in less memory (on one CPU device it was also 1.4x
-  faster; with one device per core it was not, see BENCHMARKS.md).
+  faster; with one device per core it was not, see BENCHMARKS.md). With
+  ``scan_microbatches`` (default: off CPU) they run in a `lax.scan`, which holds one
+  micro-batch's activations at a time; unrolled, XLA may schedule every forward pass first
+  (on CPU, 4 micro-batches of 8 kept 95% of the whole batch's temporary memory), but
+  XLA:CPU runs convolutions in a loop body about 30x slower (BENCHMARKS.md).
 
   With ``flat_allreduce`` (default: `flat_allreduce_applies`) each device computes the
   gradient of its part of the batch (`jax.shard_map`) and the devices average all of it
@@ -81,6 +85,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   micro_sharding = NamedSharding(mesh, P(None, build.MESH_AXES))
   if flat_allreduce is None:
     flat_allreduce = flat_allreduce_applies(config, mesh)
+  if scan_microbatches is None:
+    scan_microbatches = any(d.platform != "cpu" for d in mesh.devices.flat)
   elif flat_allreduce and not _flat_allreduce_is_exact(config, mesh):
     raise ValueError("The flat gradient all-reduce needs replicated parameters "
                      f"(mesh fsdp=1, not {mesh.shape['fsdp']}) and "
@@ -99,8 +105,15 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
     split = jax.tree.map(lambda a: a.reshape((num_micro, -1) + a.shape[1:]), noised)
     if not in_shard_map:  # keep every micro-batch split over the devices
       split = jax.lax.with_sharding_constraint(split, micro_sharding)
-    # Unrolled on purpose: XLA:CPU runs convolutions inside a while loop (lax.scan)
-    # about 30x slower than straight-line code (BENCHMARKS.md).
+    if scan_microbatches:
+      def accumulate(total, micro_and_index):
+        micro, index = micro_and_index
+        out = loss_and_grad(params, micro, jax.random.fold_in(dropout_rng, index))
+        return jax.tree.map(jnp.add, total, out), None
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      total, _ = jax.lax.scan(accumulate, zeros, (split, jnp.arange(num_micro)))
+      loss, grads = total
+      return jax.tree.map(lambda x: x / num_micro, (loss, grads))
     total = None
     for index in range(num_micro):
       micro = jax.tree.map(lambda a, i=index: a[i], split)
@@ -153,11 +166,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
 
 def compile_train_step(config: ml_collections.ConfigDict, model: UNet,
                        optimizer: optax.GradientTransformation, mesh: Mesh,
-                       flat_allreduce: bool | None = None) -> Callable:
+                       flat_allreduce: bool | None = None,
+                       scan_microbatches: bool | None = None) -> Callable:
   """`make_train_step` jitted with explicit shardings: the state as `build.state_shardings`,
   the batch split over every device, the state's buffers donated."""
   state = build.state_shardings(config, model, optimizer, mesh)
-  return jax.jit(make_train_step(config, model, optimizer, mesh, flat_allreduce),
+  return jax.jit(make_train_step(config, model, optimizer, mesh, flat_allreduce,
+                                 scan_microbatches),
                  in_shardings=(state, NamedSharding(mesh, build.BATCH)),
                  out_shardings=(state, NamedSharding(mesh, P())), donate_argnums=0)
 

@@ -14,10 +14,26 @@ import pytest
 
 from cfgdiff import data
 
+# The longest modules first (minutes each), so that `pytest -n 2` does not end on one of
+# them while the other worker idles.
+RUN_FIRST = ("test_rehearsal", "test_train", "test_faults", "test_multiprocess", "test_sweep",
+             "test_tfds", "test_topology", "test_samplers", "test_sampling_cli")
+
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "rehearsal: the end-to-end ImageNet pod/SLURM rehearsal "
                           "(make rehearse runs these alone; CI runs them with the rest)")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Orders modules longest first, for `pytest -n 2 --dist loadfile --no-loadscope-reorder`
+  (make test): each module runs on one worker, so its module-scoped fixtures (a trained
+  workdir, a compile) are built once, and the two rehearsals never run at the same time."""
+  del config
+  def module_name(item):
+    return item.module.__name__.rsplit(".", 1)[-1]
+  rank = {name: i for i, name in enumerate(RUN_FIRST)}
+  items.sort(key=lambda item: rank.get(module_name(item), len(rank)))
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +81,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
   full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
   return subprocess.run([sys.executable, "-m", "cfgdiff.main", *args], cwd=ROOT, env=full_env,
                         capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# One level, no attention: several processes compile it on two cores in a fraction of the
+# tiny config's time; for tests of process layout, where the network does not matter.
+SMALLEST_UNET = ["--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()"]
+
+
+def max_abs_difference(a, b) -> float:
+  """The largest |a - b| over two pytrees of arrays of the same structure."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def free_port() -> int:

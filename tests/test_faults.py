@@ -22,13 +22,14 @@ import pytest
 from cfgdiff import checkpoint, configs, resume, sweep, train, workdir_lock
 from tests.conftest import (
   ROOT,
+  SMALLEST_UNET,
   TINY_CONFIG,
   make_synthetic_dataset,
+  max_abs_difference,
   run_cli,
   start_cli_processes,
   wait_cli_processes,
 )
-from tests.test_topology import SMALLEST_UNET
 from tests.test_train import _final_state
 
 TARGET = 12  # steps of the uninterrupted reference run
@@ -203,9 +204,7 @@ def test_a_hung_peer_ends_the_job_within_the_step_timeout_and_the_rerun_finishes
                  "--config.runtime.cpu_devices=2", f"--config.train.num_steps={end}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   # The bound of tests/test_multiprocess.py: Gloo's summation order, never a lost step.
-  worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(
-      *(jax.tree.leaves(_final_state(w, end, synthetic_data)) for w in (workdir, reference)),
-      strict=True))
+  worst = max_abs_difference(*(_final_state(w, end, synthetic_data) for w in (workdir, reference)))
   assert worst < 3e-4, worst
 
 

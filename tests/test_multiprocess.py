@@ -6,12 +6,13 @@ processes, which must both save the same step, is in tests/test_rehearsal.py.)""
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
 from tests.conftest import (
+  SMALLEST_UNET,
   TINY_CONFIG,
+  max_abs_difference,
   run_cli,
   run_cli_processes,
 )
@@ -28,7 +29,7 @@ def workdirs(synthetic_data, tmp_path_factory):
   # (train.flat_allreduce_applies), the one that runs on CPU hosts without dropout.
   # The SPMD step across processes is the rehearsals' (ImageNet-64, dropout 0.1).
   common = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
-            "--config.model.dropout=0.0"]
+            "--config.model.dropout=0.0", *SMALLEST_UNET]
   single, multi = (str(tmp_path_factory.mktemp(name)) for name in ("single", "multi"))
   # The two processes choose their kernel gradient as "auto" does, from a saved choice
   # that process 0 reads and shares (timing could choose another rounding than "taps").
@@ -53,12 +54,9 @@ def test_two_processes_train_like_one(workdirs, synthetic_data):
   # Adam can turn rounding on a near-zero gradient into part of a step of lr = 3e-3 (see
   # test_eight_devices_equal_one_device); 1.3e-4 was measured here. 3e-4 is a tenth of
   # one step, while wrong noise or a wrong reduction moves parameters by whole steps.
-  worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  worst = max_abs_difference(a, b)
   assert worst < 3e-4, worst
-  init_moved = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-                   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(a.ema_params),
-                                   strict=True))
+  init_moved = max_abs_difference(a.params, a.ema_params)
   assert init_moved > 1e-4, "training must have moved the parameters"
 
 

@@ -2,16 +2,17 @@
 host names, and 2 "nodes" x 2 processes x 1 device training like 1 process x 4 devices
 on the same (data 2, fsdp 2) mesh."""
 
-import jax
-import numpy as np
 import pytest
 
 from cfgdiff import configs, topology
-from tests.conftest import TINY_CONFIG, run_cli, run_cli_processes
+from tests.conftest import (
+  SMALLEST_UNET,
+  TINY_CONFIG,
+  max_abs_difference,
+  run_cli,
+  run_cli_processes,
+)
 from tests.test_train import _final_state
-
-# One level, no attention: four processes compile it on two cores in a fraction of the time.
-SMALLEST_UNET = ["--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()"]
 
 
 @pytest.mark.parametrize("hosts,counts,per_node", [
@@ -51,6 +52,5 @@ def test_two_nodes_of_two_processes_shard_like_one_process_of_four_devices(
   a, b = (_final_state(w, 4, synthetic_data) for w in (single, multi))
   # Gloo sums in another order than in-process all-reduce: float rounding only (the bound
   # of tests/test_multiprocess.py); a wrong layout moves parameters by whole steps.
-  worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  worst = max_abs_difference(a, b)
   assert worst < 3e-4, worst
