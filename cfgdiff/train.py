@@ -85,12 +85,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   micro_sharding = NamedSharding(mesh, P(None, build.MESH_AXES))
   if flat_allreduce is None:
     flat_allreduce = flat_allreduce_applies(config, mesh)
-  if scan_microbatches is None:
-    scan_microbatches = any(d.platform != "cpu" for d in mesh.devices.flat)
   elif flat_allreduce and not _flat_allreduce_is_exact(config, mesh):
     raise ValueError("The flat gradient all-reduce needs replicated parameters "
                      f"(mesh fsdp=1, not {mesh.shape['fsdp']}) and "
                      f"config.model.dropout=0 (not {config.model.dropout}).")
+  if scan_microbatches is None:
+    scan_microbatches = any(d.platform != "cpu" for d in mesh.devices.flat)
 
   def loss_and_grad(params, noised, dropout_rng):
     def loss_fn(p):
