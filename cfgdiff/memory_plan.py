@@ -102,7 +102,8 @@ def _residual_bytes(config: ml_collections.ConfigDict, batch: int) -> int:
 
 
 def activations(config: ml_collections.ConfigDict) -> Activations:
-  """The step's saved activations, from two traces (batch 1 and 2; about a second each)."""
+  """The step's saved activations, from two traces (batch 1 and 2): a second each for the
+  tiny configs, about 15 s each for ImageNet 64 on a 2-core host."""
   one, two = _residual_bytes(config, 1), _residual_bytes(config, 2)
   return Activations(per_example=two - one, fixed=max(0, 2 * one - two))
 
