@@ -70,23 +70,6 @@ def _flops(stage) -> float:
   return float((costs or {}).get("flops", float("nan")))
 
 
-def _best_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
-def _peak_memory(device: jax.Device) -> int | None:
-  try:
-    return (device.memory_stats() or {}).get("peak_bytes_in_use")
-  except Exception:  # pylint: disable=broad-except  # CPU reports nothing
-    return None
-
-
 def measure_training(config) -> dict:
   """Images/s per chip and TFLOP/s of the training step at --per_chip_batch."""
   chips = jax.device_count()
@@ -109,7 +92,8 @@ def measure_training(config) -> dict:
   return {"compile_s": compile_s, "step_s": seconds,
           "images_per_s": _PER_CHIP.value / seconds, "tflops": flops / seconds / 1e12,
           "loss": float(metrics["loss"]), "plan_bytes": plan.step_bytes(),
-          "peak_bytes": _peak_memory(jax.local_devices()[0]), "state": state}
+          "peak_bytes": memory_plan.memory_stats(jax.local_devices()[0]).get("peak_bytes_in_use"),
+          "state": state}
 
 
 def measure_sampler(config, params) -> dict:
@@ -127,7 +111,7 @@ def measure_sampler(config, params) -> dict:
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
   _, evaluations = compiled(*args)
-  seconds = _best_seconds(lambda: compiled(*args), repeats=2)
+  seconds = common.best_time(lambda: jax.block_until_ready(compiled(*args)), repeats=2)
   # XLA counts a loop's body once: FLOPs = one forward pass x network evaluations.
   x = jnp.zeros((batch, size, size, channels))
   forward = jax.jit(model.apply).lower({"params": params}, x, jnp.zeros(batch),
@@ -149,7 +133,7 @@ def measure_inception() -> dict:
   start = time.perf_counter()
   features(images)
   compile_s = time.perf_counter() - start
-  seconds = _best_seconds(lambda: features(images), repeats=2)
+  seconds = common.best_time(lambda: features(images), repeats=2)  # returns numpy
   apply = jax.jit(lambda v, x: model.apply(v, inception.preprocess(x)))
   flops = _flops(apply.lower(variables, jnp.zeros((batch, 64, 64, 3)))) / chips
   return {"compile_s": compile_s, "images_per_s": _INCEPTION_BATCH.value / seconds,

@@ -169,12 +169,18 @@ def microbatch_size_that_fits(config: ml_collections.ConfigDict, plan: MemoryPla
   return max(fitting, default=0)
 
 
+def memory_stats(device: jax.Device) -> dict:
+  """The device's memory statistics (bytes_limit, peak_bytes_in_use, ...); {} where it
+  reports none (CPU, some plugins)."""
+  try:
+    return device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # plugins raise instead of None
+    return {}
+
+
 def device_limit_bytes(device: jax.Device) -> tuple[int, str] | None:
   """What one device may hold, and where that number comes from; None when unknown."""
-  try:
-    stats = device.memory_stats() or {}
-  except Exception:  # pylint: disable=broad-except  # CPU and some plugins do not report
-    stats = {}
+  stats = memory_stats(device)
   if stats.get("bytes_limit"):
     return int(stats["bytes_limit"]), f"{device.device_kind}, JAX's bytes_limit"
   chip = CHIPS.get(DEVICE_KINDS.get(device.device_kind, ""))

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from cfgdiff import build, configs, memory_plan, train
+from benchmarks import common
+from cfgdiff import configs, memory_plan, train
 from tests.conftest import TINY_CONFIG, run_cli
 
 
@@ -30,14 +31,7 @@ def _xla_step_bytes(compiled) -> int:
 
 
 def _compile(config, scan_microbatches=None):
-  mesh = build.make_mesh((1, 1), jax.devices()[:1])
-  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
-  state = build.create_state(config, model, optimizer, mesh)
-  rng = np.random.default_rng(0)
-  size, batch = config.data.image_size, config.train.batch_size
-  images = build.global_batch({
-      "image": rng.uniform(-1, 1, (batch, size, size, 1)).astype(np.float32),
-      "label": rng.integers(0, 4, batch).astype(np.int32)}, mesh)
+  mesh, model, optimizer, state, images = common.train_setup(config)  # this process: 1 device
   step = train.compile_train_step(config, model.clone(kernel_grad_taps=False), optimizer,
                                   mesh, scan_microbatches=scan_microbatches)
   return step.lower(state, images).compile(), state, images
