@@ -3,7 +3,7 @@
   python -m benchmarks.input_throughput [--workers 0,1,2] [--data_dir DIR]
 
 Reads real ArrayRecord datasets that TFDS builds here (tests/tfds_datasets.py), through
-the training code (data.TfdsSource and data.make_pipeline, random flips on), as process 0
+the training code (tfds_source.TfdsSource and data.make_pipeline, random flips on), as process 0
 of 4 (a v4-32 slice has 4 hosts):
 
 - ImageNet 64: `imagenet_resized/64x64`, 64x64 PNGs as TFDS stores them, 512 per host step.
@@ -58,10 +58,10 @@ def measure(experiment: str, data_dir: str, workers: int, steps: int) -> dict:
   - the seconds the training thread waits in next() per step when each step first spends
     a v4-32 step time away from the CPU (sleeping, as while the TPU computes).
   """
-  from cfgdiff import data  # pylint: disable=g-import-not-at-top
+  from cfgdiff import data, tfds_source  # pylint: disable=g-import-not-at-top
   name, size = (("imagenet_resized/64x64", 64) if experiment == "imagenet64"
                 else ("imagenet2012", 128))
-  source = data.TfdsSource(name, "train", data_dir, size)
+  source = tfds_source.TfdsSource(name, "train", data_dir, size)
   batch = HOST_BATCH[experiment]
   step_time = batch / needed_per_host(experiment)
   start = time.perf_counter()

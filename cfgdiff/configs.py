@@ -14,7 +14,6 @@ from typing import Any
 
 import ml_collections
 
-DATASETS = ("fashion_mnist", "imagenet_resized/64x64", "imagenet2012")
 DTYPES = ("float32", "bfloat16")
 KERNEL_GRADIENTS = ("auto", "taps", "xla")  # train.kernel_gradient
 FEATURE_NETS = ("classifier", "inception")
@@ -31,8 +30,14 @@ def default_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
+  # "fashion_mnist" (IDX files in path), "image_folder" (path/CLASS/*.png, or path/train/
+  # CLASS/... beside path/val/CLASS/...) or any TFDS dataset prepared as ArrayRecord in path.
   config.data.name = "fashion_mnist"
   config.data.path = "/usr/share/datasets/fashion-mnist"
+  # The dataset's own split names: training, and the held-out split evaluation's floor
+  # uses ("" = validation, val or test, the first the data has).
+  config.data.train_split = "train"
+  config.data.eval_split = ""
   config.data.image_size = 28
   config.data.channels = 1
   config.data.num_classes = 10
@@ -214,7 +219,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
   local_devices = local_devices or num_devices
   check_known_keys(config)
   data, model, diff, train = config.data, config.model, config.diffusion, config.train
-  _require(data.name in DATASETS, "data.name", data.name, f"must be one of {DATASETS}")
+  _require(isinstance(data.name, str) and data.name.strip() == data.name != "", "data.name",
+           data.name, "must be fashion_mnist, image_folder or a TFDS dataset name")
+  _require(data.channels in (1, 3), "data.channels", data.channels, "must be 1 or 3")
+  _require(isinstance(data.train_split, str) and data.train_split != "", "data.train_split",
+           data.train_split, "must name the training split")
   _require(data.num_classes >= 1, "data.num_classes", data.num_classes, "must be >= 1")
   _require(data.num_workers >= 0, "data.num_workers", data.num_workers,
            "must be an integer >= 0 (0 = batches made in the training thread)")

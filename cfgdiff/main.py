@@ -126,8 +126,13 @@ def main(argv: list[str]) -> None:
     # TPU machine unless JAX_PLATFORMS=cpu (a ConfigError: one line, nothing written).
     from cfgdiff import backend  # pylint: disable=g-import-not-at-top
     backend.start_up(jax, allocator.in_use())
-    if _MODE.value == "train":  # may choose train.microbatch_size; refuses what cannot fit
-      from cfgdiff import memory_plan  # pylint: disable=g-import-not-at-top
+    if _MODE.value == "train":
+      from cfgdiff import data, memory_plan, sources  # pylint: disable=g-import-not-at-top
+      try:  # the data first: a wrong name, split or folder is one line before any tracing
+        sources.open_split(config.data, "train")
+      except data.DataError as e:
+        _fail(str(e))
+      # May choose train.microbatch_size; refuses what cannot fit.
       memory_plan.check_training(config, shape[1] if shape[1] > 0 else node_devices)
 
     # pylint: disable-next=g-import-not-at-top

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cfgdiff import build, checkpoint, configs, data, diffusion, files
+from cfgdiff import build, checkpoint, configs, data, diffusion, files, sources
 
 ROOT = pathlib.Path(__file__).parent / "reference_models"
 PARAMS_FILE, MANIFEST_FILE = "ema_params.msgpack", "manifest.json"
@@ -128,7 +128,7 @@ def export(workdir: str, name: str, command: str, root: pathlib.Path | None = No
   sampler = sampling.CheckpointSampler(config, workdir)
   params = jax.tree.map(np.asarray, jax.device_get(sampler.params))
   blob = flax.serialization.msgpack_serialize(params)
-  images, labels = data.load_fashion_mnist(config.data.path, "test")
+  images, labels = sources.load_fashion_mnist(config.data.path, "test")
   manifest = dict(
       name=name, step=sampler.step, command=command, commit=commit(),
       exported=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

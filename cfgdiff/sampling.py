@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
 
-from cfgdiff import build, checkpoint, data, files, preemption, samplers
+from cfgdiff import build, checkpoint, data, files, preemption, samplers, sources
 from cfgdiff.progress import Progress
 
 
@@ -228,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   sc = config.sample
   sampler = _workdir_or_reference_sampler(config, workdir)
   labels = np.repeat(np.arange(config.data.num_classes), sc.num_per_class).astype(np.int32)
-  names = list(data.FASHION_MNIST_CLASSES) if config.data.name == "fashion_mnist" else None
+  names = list(sources.FASHION_MNIST_CLASSES) if config.data.name == "fashion_mnist" else None
   written = []
   logging.info("Sampling %d images x %d weights with %s, %d steps, from step %d.",
                labels.size, len(sc.guidance_weights), sc.sampler, sc.num_steps, sampler.step)

@@ -27,11 +27,11 @@ from absl import logging
 from cfgdiff import (
   checkpoint,
   configs,
-  data,
   files,
   multihost,
   preemption,
   sampling,
+  sources,
   train,
   workdir_lock,
 )
@@ -245,9 +245,11 @@ def _table_markdown(rows: list[dict], floor: dict,
     lines.append("")
   accuracy = _number(floor.get("classifier_test_accuracy"))
   count = _number(floor.get("num_images"))
+  splits = (f"held-out split {floor.get('floor_split', '?')}, reference: split "
+            f"{floor.get('reference_split', '?')}")
   lines.append(f"Real held-out images ({'?' if math.isnan(count) else int(count)}, "
-               "class-balanced where the labels allow), against the same reference (the "
-               f"floor): FID {_with_error(floor, 'fid', 2)}, score "
+               f"class-balanced where the labels allow; {splits}), against the same reference "
+               f"(the floor): FID {_with_error(floor, 'fid', 2)}, score "
                f"{_with_error(floor, 'is_mean', 2)}, precision "
                f"{_with_error(floor, 'precision', 3)}, recall {_with_error(floor, 'recall', 3)}, "
                f"accuracy {_with_error(floor, 'accuracy', 3)}."
@@ -433,7 +435,7 @@ def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
       stop.stop_here(f"{run.name} w={w:g} was not finished; the finished cells are in "
                      "results.csv")
   scores = accumulator.result()
-  names = (list(data.FASHION_MNIST_CLASSES) if run_config.data.name == "fashion_mnist"
+  names = (list(sources.FASHION_MNIST_CLASSES) if run_config.data.name == "fashion_mnist"
            else None)
   row = dict(run=run.name, step=sampler.step, p_uncond=run_config.diffusion.p_uncond, w=w,
              **settings(config), **scores.values)
@@ -459,7 +461,7 @@ def _floor(config: ml_collections.ConfigDict, runs: list[Run], out_dir,
   if evaluator is None and key in saved:
     return saved[key]
   evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
-  floor = {k: float(v) for k, v in evaluator.floor.items()}
+  floor = {k: v if isinstance(v, str) else float(v) for k, v in evaluator.floor.items()}
   if jax.process_index() == 0:
     files.write_atomic(path, json.dumps(saved | {key: floor}, indent=2))
   return floor

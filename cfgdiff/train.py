@@ -35,6 +35,7 @@ from cfgdiff import (
   multihost,
   preemption,
   resume,
+  sources,
   watchdog,
   workdir_lock,
 )
@@ -177,20 +178,9 @@ def compile_train_step(config: ml_collections.ConfigDict, model: UNet,
                  out_shardings=(state, NamedSharding(mesh, P())), donate_argnums=0)
 
 
-def make_source(config: ml_collections.ConfigDict) -> data.ArraySource | data.TfdsSource:
+def make_source(config: ml_collections.ConfigDict) -> data.Source:
   """The training examples config.data names, checked against the config's shapes."""
-  dc = config.data
-  if dc.name in data.TFDS_DATASETS:
-    return data.TfdsSource(dc.name, "train", dc.path, dc.image_size)
-  images, labels = data.load_fashion_mnist(dc.path, "train")
-  expected = (dc.image_size, dc.image_size, dc.channels)
-  if images.shape[1:] != expected:
-    raise data.DataError(f"{dc.path} holds images of shape {images.shape[1:]}, but "
-                         f"config.data.image_size/channels ask for {expected}.")
-  if labels.max() >= dc.num_classes:
-    raise data.DataError(f"{dc.path} has label {labels.max()}, outside "
-                         f"[0, config.data.num_classes={dc.num_classes}).")
-  return data.ArraySource(images, labels)
+  return sources.open_split(config.data, "train").source
 
 
 def make_batcher(config: ml_collections.ConfigDict) -> data.Batcher:

@@ -12,7 +12,21 @@ import sys
 import numpy as np
 import pytest
 
-from cfgdiff import data
+from cfgdiff import sources
+
+# XLA:CPU's LLVM at -O1 instead of its default -O2: the tests' programs compile 1.5-2.5x
+# faster and run as fast (BENCHMARKS.md, "XLA:CPU optimisation level"). Set here for this
+# process and, through xla_flags(), for every process a test starts.
+FAST_COMPILE = "--xla_backend_optimization_level=1"
+
+
+def xla_flags(*extra: str) -> str:
+  """XLA_FLAGS for a process a test starts: FAST_COMPILE and ``extra``."""
+  return " ".join((FAST_COMPILE, *extra))
+
+
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 # The longest modules first (minutes each), so that `pytest -n 2` does not end on one of
 # them while the other worker idles.
@@ -57,7 +71,7 @@ def make_synthetic_dataset(folder: str, n: int = 256, size: int = 8, classes: in
     r, c = divmod(int(k) % 4, 2)
     images[i, r * half:(r + 1) * half, c * half:(c + 1) * half] = 230
   os.makedirs(folder, exist_ok=True)
-  for image_file, label_file in data.FASHION_MNIST_FILES.values():
+  for image_file, label_file in sources.FASHION_MNIST_FILES.values():
     write_idx(os.path.join(folder, image_file), images)
     write_idx(os.path.join(folder, label_file), labels)
   return folder

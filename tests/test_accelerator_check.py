@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from benchmarks import accelerator_check
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.conftest import ROOT, TINY_CONFIG, xla_flags
 
 
 def test_accelerator_check_runs_on_cpu_and_prints_rates_memory_and_projections():
@@ -16,8 +16,8 @@ def test_accelerator_check_runs_on_cpu_and_prints_rates_memory_and_projections()
        "--nowrite", "--per_chip_batch=4", "--steps=2", "--sample_batch=4",
        "--inception_batch=2", "--config.sweep.num_steps=4", "--config.sweep.num_samples=100"],
       cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
-          "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"})
+      env=os.environ | {"XLA_FLAGS": xla_flags(), "TF_CPP_MIN_LOG_LEVEL": "3",
+                        "JAX_PLATFORMS": "cpu"})
   out = proc.stdout
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = {line.split(" | ")[0]: line.split(" | ") for line in out.splitlines() if " | " in line}

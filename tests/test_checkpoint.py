@@ -9,7 +9,7 @@ import sys
 import types
 
 from cfgdiff import checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 # Saves one step of 40 arrays, then reads it again and again while a thread deletes it at
 # a random moment within one read's duration, until some reads failed mid-way (and so left
@@ -75,8 +75,7 @@ print(json.dumps({"failures": failures, "restored": restored, "one_read_s": one_
 def test_a_step_deleted_while_being_read_fails_as_one_checkpoint_error(tmp_path):
   """The failure is one CheckpointError (the sweep takes the newest step instead); the
   reads Orbax abandoned print no traceback when they fail later (CI once failed on it)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("XLA_FLAGS", None)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=xla_flags())
   proc = subprocess.run([sys.executable, "-c", RACE, str(tmp_path / "run")], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from cfgdiff import data
+from cfgdiff import data, sources
 from tests.conftest import write_idx
 
 DEBIAN_PATH = "/usr/share/datasets/fashion-mnist"
@@ -16,16 +16,16 @@ DEBIAN_PATH = "/usr/share/datasets/fashion-mnist"
 
 def test_real_fashion_mnist_files():
   """The Debian package is installed by README/CI; a missing one is an install error."""
-  images, labels = data.load_fashion_mnist(DEBIAN_PATH, "train")
+  images, labels = sources.load_fashion_mnist(DEBIAN_PATH, "train")
   assert images.shape == (60000, 28, 28, 1) and images.dtype == np.uint8
   assert labels.shape == (60000,) and set(np.unique(labels)) == set(range(10))
-  test_images, _ = data.load_fashion_mnist(DEBIAN_PATH, "test")
+  test_images, _ = sources.load_fashion_mnist(DEBIAN_PATH, "test")
   assert test_images.shape == (10000, 28, 28, 1)
 
 
 def test_missing_data_names_path_and_install_command(tmp_path):
   with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist") as e:
-    data.load_fashion_mnist(str(tmp_path), "train")
+    sources.load_fashion_mnist(str(tmp_path), "train")
   assert str(tmp_path) in str(e.value)
 
 
@@ -34,14 +34,14 @@ def test_corrupt_idx_is_refused(tmp_path):
   with gzip.open(path, "wb") as f:
     f.write(b"\x01\x02\x03\x04garbage")
   with pytest.raises(data.DataError, match="not an IDX file"):
-    data.read_idx(path)
+    sources.read_idx(path)
   write_idx(path, np.zeros((4, 3, 3), np.uint8))
   with gzip.open(path, "rb") as f:
     raw = f.read()
   with gzip.open(path, "wb") as f:
     f.write(raw[:-5])
   with pytest.raises(data.DataError, match="truncated"):
-    data.read_idx(path)
+    sources.read_idx(path)
 
 
 def test_range_conversion_round_trips():
@@ -54,7 +54,7 @@ def test_range_conversion_round_trips():
 def _batcher(**kw):
   n = 100
   images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)
-  return data.Batcher(data.ArraySource(images, np.arange(n, dtype=np.int32)), **dict(
+  return data.Batcher(sources.ArraySource(images, np.arange(n, dtype=np.int32)), **dict(
       dict(global_batch_size=10, seed=7), **kw))
 
 
@@ -78,11 +78,11 @@ def test_processes_read_disjoint_slices_of_the_global_batch():
     np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
-def _images(n: int = 100) -> data.ArraySource:
+def _images(n: int = 100) -> sources.ArraySource:
   """Example i: a 2x3 image whose pixel values encode i and the column, so a flip shows."""
   images = np.zeros((n, 2, 3, 1), np.uint8)
   images[:, :, :, 0] = (np.arange(n)[:, None, None] % 50) * 5 + np.arange(3)[None, None, :]
-  return data.ArraySource(images, np.arange(n, dtype=np.int32))
+  return sources.ArraySource(images, np.arange(n, dtype=np.int32))
 
 
 def test_random_flips_are_half_and_mirror_the_example():
@@ -149,7 +149,7 @@ def test_worker_processes_give_the_in_process_batches():
         np.testing.assert_array_equal(batch[key], reference[start + offset][key])
 
 
-class _FailingSource(data.ArraySource):
+class _FailingSource(sources.ArraySource):
   def read(self, indices):
     if 13 in indices:
       raise data.DataError("example 13 is damaged")

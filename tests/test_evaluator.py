@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from cfgdiff import data, multihost
+from cfgdiff import multihost, sources, tfds_source
 from cfgdiff.evaluation import evaluator as ev
 from cfgdiff.evaluation import metrics
 
@@ -222,7 +222,7 @@ def test_reference_statistics_are_computed_once_then_read(imagenet64, tmp_path, 
   name = ev.reference_cache_name("imagenet_resized/64x64", "train", 64, 24, digest["sha"], 10)
   assert os.listdir(tmp_path / "cache") == [name]
   # The reference is the whole split; precision/recall use a fixed random subset of it.
-  train = data.TfdsSource("imagenet_resized/64x64", "train", imagenet64, 64)
+  train = tfds_source.TfdsSource("imagenet_resized/64x64", "train", imagenet64, 64)
   all_features, _ = FakeFeatures(64 * 64 * 3)(train.read(np.arange(24))[0])
   np.testing.assert_allclose(first.reference_stats.mean,
                              all_features.astype(np.float64).mean(0), rtol=1e-12)
@@ -232,9 +232,11 @@ def test_reference_statistics_are_computed_once_then_read(imagenet64, tmp_path, 
   pr_indices = np.sort(np.random.default_rng(0).permutation(24)[:10])
   np.testing.assert_array_equal(first.reference_features, all_features[pr_indices])
   # The floor: sweep.num_samples validation images, a fixed random subset of the 16.
-  validation = data.TfdsSource("imagenet_resized/64x64", "validation", imagenet64, 64)
+  validation = tfds_source.TfdsSource("imagenet_resized/64x64", "validation", imagenet64, 64)
   pick = np.sort(np.random.default_rng(1).permutation(16)[:12])
   assert first.floor.pop("num_images") == 12
+  assert (first.floor.pop("reference_split"), first.floor.pop("floor_split")) == (
+      "train", "validation")
   assert first.floor == pytest.approx(first.evaluate(*validation.read(pick)).values, nan_ok=True)
   assert np.isfinite(first.floor["is_mean"]) and 0 <= first.floor["accuracy"] <= 1
 
@@ -242,7 +244,9 @@ def test_reference_statistics_are_computed_once_then_read(imagenet64, tmp_path, 
   assert features.images == 24 + 12 + 12 + 12  # floor only (and the evaluate above)
   np.testing.assert_array_equal(again.reference_stats.outer, first.reference_stats.outer)
   np.testing.assert_array_equal(again.reference_features, first.reference_features)
-  assert again.floor.pop("num_images") == 12 and again.floor == first.floor
+  assert again.floor.pop("num_images") == 12 and again.floor.pop("floor_split") == "validation"
+  again.floor.pop("reference_split")
+  assert again.floor == first.floor
   # Other weights: other statistics, computed afresh beside the first.
   digest["sha"] = "cd" * 32
   ev.make_evaluator(config, config, str(tmp_path / "sweep"))
@@ -251,7 +255,7 @@ def test_reference_statistics_are_computed_once_then_read(imagenet64, tmp_path, 
 
 def test_a_stale_cache_file_is_recomputed(tmp_path):
   features = FakeFeatures(4 * 4 * 3)
-  source = data.ArraySource(*_images(20, seed=5))
+  source = sources.ArraySource(*_images(20, seed=5))
   path = str(tmp_path / "reference.npz")
   stats, _ = ev.reference_statistics(source, features, np.arange(5), DIM, path)
   # The same file asked for another subset (a key collision): not trusted.
@@ -274,10 +278,10 @@ def _worker(coordinator: str, processes: int, process: int, cache_dir: str, out:
   features = FakeFeatures(4 * 4 * 3)
   pr_indices = np.sort(np.random.default_rng(0).permutation(40)[:12])
   own_cache = os.path.join(cache_dir, f"process_{process}", "reference.npz")
-  stats, reference = ev.reference_statistics(data.ArraySource(real, real_labels), features,
+  stats, reference = ev.reference_statistics(sources.ArraySource(real, real_labels), features,
                                              pr_indices, DIM, own_cache)
   computed = features.images
-  stats2, reference2 = ev.reference_statistics(data.ArraySource(real, real_labels), features,
+  stats2, reference2 = ev.reference_statistics(sources.ArraySource(real, real_labels), features,
                                                pr_indices, DIM, own_cache)
   from_cache = features.images - computed
   evaluator = ev.Evaluator(features, stats, reference, pr_k=3, pr_max_points=12, bootstrap=20)

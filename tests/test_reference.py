@@ -7,7 +7,7 @@ import shutil
 import jax
 import pytest
 
-from cfgdiff import build, checkpoint, data, reference
+from cfgdiff import build, checkpoint, reference, sources
 
 NAME = "fashion_mnist"
 
@@ -28,7 +28,7 @@ def test_manifest_says_how_the_model_was_made(shipped):
 
 def test_shipped_parameters_reproduce_their_heldout_loss_and_are_trained(shipped):
   config = shipped.config
-  images, labels = data.load_fashion_mnist(config.data.path, "test")
+  images, labels = sources.load_fashion_mnist(config.data.path, "test")
   images, labels = images[:reference.HELDOUT_COUNT], labels[:reference.HELDOUT_COUNT]
   loss = reference.heldout_loss(config, shipped.params, images, labels)
   # Other CPUs round differently; a wrong or mis-loaded parameter changes it by far more.

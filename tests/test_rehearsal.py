@@ -37,7 +37,7 @@ import pytest
 
 from cfgdiff import checkpoint
 from tests import tfds_datasets
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, xla_flags
 
 pytestmark = pytest.mark.rehearsal
 
@@ -128,8 +128,7 @@ def stop_leftover_jobs(tmp_path):
 def cluster_env(tmp_path: pathlib.Path) -> dict:
   env = dict(os.environ, PATH=f"{STANDINS}:{os.environ['PATH']}", TF_CPP_MIN_LOG_LEVEL="3",
              STANDIN_TPU_ROOT=str(tmp_path / "tpu"), STANDIN_SLURM_DIR=str(tmp_path / "slurm"),
-             CFGDIFF_VENV=sys.prefix, CFGDIFF_JAX="jax")
-  env.pop("XLA_FLAGS", None)
+             CFGDIFF_VENV=sys.prefix, CFGDIFF_JAX="jax", XLA_FLAGS=xla_flags())
   return env
 
 

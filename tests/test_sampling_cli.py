@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY_CONFIG, run_cli
+from tests.conftest import TINY_CONFIG, run_cli, xla_flags
 
 SAMPLE_ARGS = ["--config.sample.num_steps=4", "--config.sample.num_per_class=2",
                "--config.sample.guidance_weights=(0.0,2.0)", "--config.sample.batch_size=6"]
@@ -93,7 +93,7 @@ def _run_notebook(workdir: str, monkeypatch) -> str:
   monkeypatch.setenv("CFGDIFF_WEIGHTS", "0,3")
   monkeypatch.setenv("CFGDIFF_NUM_PER_CLASS", "2")
   monkeypatch.setenv("CFGDIFF_NUM_STEPS", "4")
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  monkeypatch.setenv("XLA_FLAGS", xla_flags("--xla_force_host_platform_device_count=1"))
   monkeypatch.setenv("PYTHONPATH", ROOT)
   notebook = nbformat.read(os.path.join(ROOT, "notebooks", "sampling.ipynb"), as_version=4)
   NotebookClient(notebook, timeout=600, kernel_name="python3",

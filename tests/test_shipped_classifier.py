@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cfgdiff import checkpoint, configs, data
+from cfgdiff import checkpoint, configs, sources
 from cfgdiff.evaluation import classifier
 
 DATA = configs.default_config().data.path
@@ -21,7 +21,7 @@ def manifest():
 
 @pytest.fixture(scope="module")
 def train_split():
-  return data.load_fashion_mnist(DATA, "train")
+  return sources.load_fashion_mnist(DATA, "train")
 
 
 def test_shipped_classifier_was_trained_on_the_installed_training_split(manifest, train_split):

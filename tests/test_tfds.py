@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cfgdiff import checkpoint, data, train
+from cfgdiff import checkpoint, data, tfds_source, train
 from experiments import get_experiment
 from tests import tfds_datasets
 
@@ -41,7 +41,7 @@ def _ids(images: np.ndarray) -> np.ndarray:
 
 def test_imagenet64_arrayrecord_is_read_by_index(imagenet64):
   data_dir, images, labels = imagenet64
-  source = data.TfdsSource("imagenet_resized/64x64", "train", data_dir, 64)
+  source = tfds_source.TfdsSource("imagenet_resized/64x64", "train", data_dir, 64)
   assert len(source) == 32
   read_images, read_labels = source.read(np.arange(32))
   assert read_images.dtype == np.uint8 and read_labels.dtype == np.int32
@@ -50,10 +50,10 @@ def test_imagenet64_arrayrecord_is_read_by_index(imagenet64):
   # Stored as PNG: bit-exact, and each label stays with its image.
   np.testing.assert_array_equal(read_images, images[ids])
   np.testing.assert_array_equal(read_labels, labels[ids])
-  again, _ = data.TfdsSource("imagenet_resized/64x64", "train", data_dir, 64).read(
+  again, _ = tfds_source.TfdsSource("imagenet_resized/64x64", "train", data_dir, 64).read(
       np.array([5, 2]))
   np.testing.assert_array_equal(again, read_images[[5, 2]])
-  val = data.TfdsSource("imagenet_resized/64x64", "validation", data_dir, 64)
+  val = tfds_source.TfdsSource("imagenet_resized/64x64", "validation", data_dir, 64)
   assert len(val) == 8
 
 
@@ -62,7 +62,7 @@ def test_imagenet2012_jpegs_get_adms_centre_crop(imagenet2012, size):
   """Every training JPEG (500x375, 375x500, 500x333, 640x480, 256x256, 300x200) comes out
   as ADM's crop of the original file, and that crop is the image's centre square."""
   data_dir, written = imagenet2012
-  source = data.TfdsSource("imagenet2012", "train", data_dir, size)
+  source = tfds_source.TfdsSource("imagenet2012", "train", data_dir, size)
   images, labels = source.read(np.arange(len(source)))
   assert images.shape == (12, size, size, 3) and images.dtype == np.uint8
   names = [ex["file_name"].decode() for ex in tfds.data_source(
@@ -81,7 +81,7 @@ def test_imagenet2012_jpegs_get_adms_centre_crop(imagenet2012, size):
 
 def test_imagenet2012_validation_split_is_read(imagenet2012):
   data_dir, _ = imagenet2012
-  source = data.TfdsSource("imagenet2012", "validation", data_dir, 64)
+  source = tfds_source.TfdsSource("imagenet2012", "validation", data_dir, 64)
   images, labels = source.read(np.arange(len(source)))
   assert images.shape == (4, 64, 64, 3)
   assert np.all((labels >= 0) & (labels < 1000))
@@ -97,7 +97,7 @@ def test_tfrecord_build_is_refused_with_the_rebuild_command(tmp_path):
                                          file_format="tfrecord")
   before = _tree(data_dir)
   with pytest.raises(data.DataError) as e:
-    data.TfdsSource("imagenet_resized/64x64", "train", data_dir, 64)
+    tfds_source.TfdsSource("imagenet_resized/64x64", "train", data_dir, 64)
   message = str(e.value)
   assert "\n" not in message
   assert "was built as TFRECORD files" in message
@@ -114,7 +114,7 @@ def test_tfrecord_build_is_refused_with_the_rebuild_command(tmp_path):
 def test_missing_split_names_the_available_ones(imagenet64):
   data_dir, _, _ = imagenet64
   with pytest.raises(data.DataError) as e:
-    data.TfdsSource("imagenet_resized/64x64", "test", data_dir, 64)
+    tfds_source.TfdsSource("imagenet_resized/64x64", "test", data_dir, 64)
   assert "\n" not in str(e.value)
   assert "has no split 'test'; its splits are ['train', 'validation']" in str(e.value)
 
@@ -123,7 +123,7 @@ def test_missing_split_names_the_available_ones(imagenet64):
 def test_missing_dataset_says_how_to_prepare_it(tmp_path, name):
   data_dir = str(tmp_path / "tfds")
   with pytest.raises(data.DataError) as e:
-    data.TfdsSource(name, "train", data_dir, 64)
+    tfds_source.TfdsSource(name, "train", data_dir, 64)
   message = str(e.value)
   assert "\n" not in message and "is not prepared in" in message
   assert f"tfds build {name} --data_dir={data_dir} --file_format=array_record" in message
@@ -160,7 +160,7 @@ def test_pipeline_on_imagenet2012_is_the_same_with_workers_and_after_a_resume(im
   """2 grain worker processes decode the JPEGs and give exactly the in-process batches,
   from step 0 and from a saved state; one process's batch is 2 processes' halves."""
   data_dir, _ = imagenet2012
-  source = data.TfdsSource("imagenet2012", "train", data_dir, 32)
+  source = tfds_source.TfdsSource("imagenet2012", "train", data_dir, 32)
 
   def pipeline(**kw):
     return data.make_pipeline(source, 4, seed=1, random_flip=True, **kw)

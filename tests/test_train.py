@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cfgdiff import allocator, build, checkpoint, configs, train
-from tests.conftest import ROOT, TINY_CONFIG, run_cli
+from tests.conftest import ROOT, TINY_CONFIG, run_cli, xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_non_finite_update_is_skipped_and_counted(compiled):
 
 def _run_steps(data_dir: str, out: str, devices: int, fsdp: int = 1,
                variant: str = "default") -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"),
              TF_CPP_MIN_LOG_LEVEL="3")
   subprocess.run([sys.executable, "-m", "tests.run_steps", data_dir, out, "4", str(fsdp),
                   variant], cwd=ROOT, env=env, check=True, timeout=600)

@@ -31,7 +31,7 @@ from absl import logging
 from flax import linen as nn
 from flax import serialization
 
-from cfgdiff import checkpoint, configs, data, files
+from cfgdiff import checkpoint, configs, data, files, sources
 from cfgdiff.evaluation import batching
 
 FEATURE_DIM = 128
@@ -164,7 +164,7 @@ def load_shipped(train_digest: str, num_classes: int, epochs: int,
 
 def test_accuracy(features: ClassifierFeatures, data_path: str) -> float:
   """Accuracy on the whole test split."""
-  test_images, test_labels = data.load_fashion_mnist(data_path, "test")
+  test_images, test_labels = sources.load_fashion_mnist(data_path, "test")
   return float(np.mean(np.argmax(features(test_images)[1], 1) == test_labels))
 
 
@@ -176,7 +176,7 @@ def load_or_train(cache_dir: str, data_path: str, num_classes: int, epochs: int 
   now and saved in ``cache_dir``."""
   params_file = files.path(cache_dir) / "classifier.msgpack"
   info_file = files.path(cache_dir) / "classifier.json"
-  train_images, train_labels = data.load_fashion_mnist(data_path, "train")
+  train_images, train_labels = sources.load_fashion_mnist(data_path, "train")
   if params_file.exists() and info_file.exists():
     template = _template(num_classes, train_images.shape[1:])
     variables = serialization.from_bytes(template, params_file.read_bytes())
@@ -215,7 +215,7 @@ def ship(data_path: str, epochs: int, cache_dir: str, command: str,
                               f"epochs than --epochs={epochs}; pass another --cache_dir.")
   features, _ = load_or_train(cache_dir, data_path, num_classes, epochs, use_shipped=False)
   blob = serialization.to_bytes(features.variables)
-  train_images, train_labels = data.load_fashion_mnist(data_path, "train")
+  train_images, train_labels = sources.load_fashion_mnist(data_path, "train")
   manifest = dict(
       epochs=epochs, num_classes=num_classes, test_accuracy=test_accuracy(features, data_path),
       train_data_sha256=data_digest(train_images, train_labels),

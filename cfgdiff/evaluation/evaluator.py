@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cfgdiff import configs, data, files, multihost
+from cfgdiff import configs, data, files, multihost, sources
 from cfgdiff.evaluation import metrics
 from cfgdiff.progress import Progress
 
@@ -201,7 +201,7 @@ class Evaluator:
     self.pr_k, self.pr_max_points = pr_k, pr_max_points
     self.score_splits, self.bootstrap = score_splits, bootstrap
     self._frechet: metrics.FrechetReference | None = None
-    self.floor: dict[str, float] = {}
+    self.floor: dict[str, float | str] = {}  # metrics, counts and the splits named
 
   def accumulator(self) -> Accumulator:
     return Accumulator(self)
@@ -285,7 +285,7 @@ def _batches(indices: np.ndarray, size: int = _READ_BATCH) -> list[np.ndarray]:
   return [indices[s:s + size] for s in range(0, len(indices), size)]
 
 
-def reference_partial(source: data.ArraySource | data.TfdsSource, features: FeatureFn,
+def reference_partial(source: data.Source, features: FeatureFn,
                       pr_indices: np.ndarray, dim: int,
                       what: str = "Reference statistics") -> Partial:
   """This process's contiguous share of one pass over all of ``source`` (``len`` and
@@ -340,7 +340,7 @@ def _write_reference_cache(path: str, stats: metrics.GaussianStats, pr_indices: 
   files.write_atomic(path, buffer.getvalue())
 
 
-def reference_statistics(source: data.ArraySource | data.TfdsSource, features: FeatureFn,
+def reference_statistics(source: data.Source, features: FeatureFn,
                          pr_indices: np.ndarray, dim: int, cache_path: str,
                          what: str = "Reference statistics"
                          ) -> tuple[metrics.GaussianStats, np.ndarray]:
@@ -374,7 +374,7 @@ def reference_statistics(source: data.ArraySource | data.TfdsSource, features: F
   return part.stats, part.pr_features
 
 
-def real_floor(evaluator: Evaluator, source: data.ArraySource | data.TfdsSource,
+def real_floor(evaluator: Evaluator, source: data.Source,
                num_samples: int, seed: int) -> Scores:
   """The metrics of ``num_samples`` real images of ``source`` (a seeded random subset;
   all of them if there are no more: ImageNet's 50,000 validation images, 50 per class),
@@ -427,17 +427,18 @@ def _fashion_evaluator(config: ml_collections.ConfigDict, run_config: ml_collect
       str(files.path(cache_dir) / "classifier"), dc.path, dc.num_classes, sw.classifier_epochs,
       sw.shipped_classifier)
   logging.info("Evaluation classifier: %.2f%% test accuracy.", 100 * test_accuracy)
-  train_images, _ = data.load_fashion_mnist(dc.path, "train")
+  train_images, _ = sources.load_fashion_mnist(dc.path, "train")
   train_features, _ = features(train_images)
   reference = metrics.GaussianStats(train_features.shape[1])
   reference.update(train_features)
   order = np.random.default_rng(0).permutation(len(train_images))
   evaluator = Evaluator(features, reference, train_features[order], sw.pr_k, sw.pr_max_points,
                         sw.score_splits, sw.bootstrap)
-  test_images, test_labels = data.load_fashion_mnist(dc.path, "test")
+  test_images, test_labels = sources.load_fashion_mnist(dc.path, "test")
   pick = class_balanced_pick(test_labels, sw.num_samples, dc.num_classes, seed=1)
   evaluator.floor = evaluator.evaluate(test_images[pick], test_labels[pick]).values
-  evaluator.floor |= dict(num_images=float(len(pick)), classifier_test_accuracy=test_accuracy)
+  evaluator.floor |= dict(num_images=float(len(pick)), classifier_test_accuracy=test_accuracy,
+                         reference_split="train", floor_split="test")
   return evaluator
 
 
@@ -460,27 +461,25 @@ def cache_dirs(sweep: ml_collections.ConfigDict) -> tuple[str, str]:
 
 def _inception_evaluator(config: ml_collections.ConfigDict,
                          run_config: ml_collections.ConfigDict) -> Evaluator:
-  """FID Inception features; reference: the whole training split of the run's TFDS
-  dataset (ADM's convention), cached; floor: sweep.num_samples validation images."""
+  """FID Inception features; reference: the whole training split of the run's data
+  (ADM's convention), cached; floor: sweep.num_samples images of its held-out split."""
   dc, sw = run_config.data, config.sweep
-  if dc.name not in data.TFDS_DATASETS:
-    raise configs.ConfigError(f"config.sweep.feature_net='inception' needs real images of "
-                              f"a TFDS dataset {data.TFDS_DATASETS}; got {dc.name!r}.")
+  train, held_out = sources.open_split(dc, "train"), sources.open_split(dc, "held_out")
   stats_dir, weights_dir = cache_dirs(sw)
   features, weights_sha256, dim = _inception_features(sw, weights_dir)
-  train = data.TfdsSource(dc.name, "train", dc.path, dc.image_size)
   # Precision/recall reference: a fixed random subset of the same split.
-  pr_indices = np.sort(np.random.default_rng(0).permutation(len(train))[:sw.pr_max_points])
-  name = reference_cache_name(dc.name, "train", dc.image_size, len(train), weights_sha256,
+  n = len(train.source)
+  pr_indices = np.sort(np.random.default_rng(0).permutation(n)[:sw.pr_max_points])
+  name = reference_cache_name(train.cache_key, train.name, dc.image_size, n, weights_sha256,
                               len(pr_indices))
   reference, reference_features = reference_statistics(
-      train, features, pr_indices, dim, str(files.path(stats_dir) / name),
-      f"Reference statistics of {dc.name} train")
+      train.source, features, pr_indices, dim, str(files.path(stats_dir) / name),
+      f"Reference statistics of {dc.name} {train.name}")
   evaluator = Evaluator(features, reference, reference_features, sw.pr_k, sw.pr_max_points,
                         sw.score_splits, sw.bootstrap)
-  validation = data.TfdsSource(dc.name, "validation", dc.path, dc.image_size)
-  evaluator.floor = real_floor(evaluator, validation, sw.num_samples, seed=1).values
-  evaluator.floor["num_images"] = float(min(sw.num_samples, len(validation)))
+  evaluator.floor = real_floor(evaluator, held_out.source, sw.num_samples, seed=1).values
+  evaluator.floor["num_images"] = float(min(sw.num_samples, len(held_out.source)))
+  evaluator.floor |= {"reference_split": train.name, "floor_split": held_out.name}
   return evaluator
 
 
