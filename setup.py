@@ -23,6 +23,7 @@ setup(
     description="Classifier-free diffusion guidance (Ho & Salimans 2022) in JAX/Flax",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     packages=find_packages(include=["cfgdiff", "cfgdiff.*", "experiments", "experiments.*"]),
     # The shipped reference model (cfgdiff/reference.py): a few MB of EMA parameters.
     package_data={"cfgdiff": ["reference_models/*/*"]},

@@ -49,7 +49,10 @@ SHRINK = ["--config.model.ch=16", "--config.model.num_res_blocks=1",
           "--config.train.batch_size=8",
           f"--config.train.num_steps={TRAIN_STEPS}", "--config.train.checkpoint_every_steps=2",
           "--config.train.keep_checkpoints=1", "--config.train.log_every_steps=1",
-          "--config.runtime.cpu_devices=2"]
+          "--config.runtime.cpu_devices=2",
+          # One grain worker per process (the configs' 4 and 8 are for a pod host's cores):
+          # the worker path is exercised without eight process start-ups on two cores.
+          "--config.data.num_workers=1"]
 SWEEP = ["--mode=sweep", "--config.sweep.poll_seconds=2", "--config.sweep.num_samples=10",
          "--config.sweep.num_steps=4", "--config.sweep.guidance_weights=(0.0,3.0)",
          "--config.sample.batch_size=8", "--config.runtime.cpu_devices=1"]
