@@ -24,7 +24,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["cfgdiff", "cfgdiff.*", "experiments", "experiments.*"]),
+    # Only cfgdiff: experiments/ are config files run from a checkout (--config=PATH), and a
+    # top-level `experiments` package in site-packages would shadow users' own.
+    packages=find_packages(include=["cfgdiff", "cfgdiff.*"]),
     # The shipped reference model (cfgdiff/reference.py): a few MB of EMA parameters.
     package_data={"cfgdiff": ["reference_models/*/*"]},
     python_requires=">=3.11",

@@ -12,3 +12,18 @@ if sys.version_info[:2] < MIN_PYTHON:
       f"{sys.version.split()[0]} ({sys.executable}); on Ubuntu 22.04 (TPU VM images) run "
       "`sudo apt-get install -y python3.11 python3.11-venv` and make the venv with "
       "python3.11 (launch/setup_worker.sh does).")
+
+_API = ("load", "Model", "guided_sample")
+
+
+def __getattr__(name: str):
+  """cfgdiff.load, cfgdiff.Model, cfgdiff.guided_sample (cfgdiff/api.py), imported on first
+  use so that `import cfgdiff` stays light (no JAX) for tools that only read its version."""
+  if name in _API:
+    from cfgdiff import api  # pylint: disable=g-import-not-at-top
+    return getattr(api, name)
+  raise AttributeError(f"module 'cfgdiff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted([*globals(), *_API])

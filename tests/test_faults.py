@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from cfgdiff import checkpoint, configs, resume, sweep, train, workdir_lock
+from cfgdiff import checkpoint, configs, resume, train, workdir_lock
+from cfgdiff.sweep import orchestrate
 from tests.conftest import (
   ROOT,
   SMALLEST_UNET,
@@ -219,10 +220,10 @@ def test_a_damaged_newest_step_is_moved_aside_and_training_redone_from_the_one_b
   os.truncate(largest, sizes[largest] // 2)
 
   # The sweep scores the step before it, leaving the damaged one for training to move.
-  run = sweep.Run("copy", workdir, configs.from_json(os.path.join(workdir, "config.json")))
+  run = orchestrate.Run("copy", workdir, configs.from_json(os.path.join(workdir, "config.json")))
   sweep_config = configs.default_config()
   with caplog.at_level(logging.WARNING):
-    sampler = sweep.restore_newest(run, sweep_config)
+    sampler = orchestrate.restore_newest(run, sweep_config)
   assert sampler.step == TARGET - 3
   assert f"step {TARGET} cannot be restored" in caplog.text
   assert os.path.isdir(newest)

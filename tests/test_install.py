@@ -49,6 +49,10 @@ def _names(requirements: list[str]) -> set[str]:
   return {Requirement(r).name.lower() for r in requirements}
 
 
+def test_only_the_cfgdiff_package_is_installed():
+  assert SETUP["packages"] and {p.split(".")[0] for p in SETUP["packages"]} == {"cfgdiff"}
+
+
 def test_the_library_needs_no_tensorflow_and_training_gets_it_as_an_extra():
   assert not _names(SETUP["install_requires"]) & set(TRAINING_ONLY)
   assert {"clu", "tensorboard", "tensorflow-cpu", "tensorflow"} == _names(

@@ -187,3 +187,23 @@ def test_loading_another_step_reuses_the_compiled_sampler(trained_workdir, synth
   fresh = sampling.CheckpointSampler(config, trained_workdir, newest)
   np.testing.assert_array_equal(after, fresh.sample(labels, 1.0, **kwargs))
   assert not np.array_equal(after, before), "the parameters must have changed"
+
+
+def test_python_api_loads_a_workdir_or_one_of_its_checkpoints(trained_workdir):
+  """cfgdiff.load on a workdir (its latest step) and on WORKDIR/checkpoints/STEP (that
+  step), sampling what the CLI's sampler draws; a request of 2 compiles a batch of 2."""
+  import cfgdiff
+  from cfgdiff import checkpoint, configs, sampling
+  older, newest = checkpoint.saved_steps(trained_workdir)[-2:]
+  latest = cfgdiff.load(trained_workdir)
+  pinned = cfgdiff.load(os.path.join(trained_workdir, "checkpoints", str(older)))
+  assert (latest.step, pinned.step) == (newest, older)
+  assert latest.image_shape == (8, 8, 1) and latest.config.data.num_classes == 4
+  a = latest.sample([1, 2], w=2.0, steps=3, seed=5, sampler="ddim")
+  b = pinned.sample([1, 2], w=2.0, steps=3, seed=5, sampler="ddim")
+  assert a.shape == (2, 8, 8, 1) and a.dtype == np.uint8 and not np.array_equal(a, b)
+  config = configs.from_json(os.path.join(trained_workdir, "config.json"))
+  config.sample.batch_size = 2
+  reference = sampling.CheckpointSampler(config, trained_workdir, older)
+  np.testing.assert_array_equal(b, reference.sample([1, 2], 2.0, seed=5, sampler="ddim",
+                                                    num_steps=3))

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from cfgdiff import sweep
+from cfgdiff.sweep import orchestrate, report, store
 from tests.conftest import TINY_CONFIG, run_cli, start_cli_processes, wait_cli_processes
 
 SWEEP_ARGS = ["--mode=sweep", "--config.sweep.guidance_weights=(0.0,3.0)",
@@ -36,9 +36,9 @@ def swept(synthetic_data, tmp_path_factory):
 def test_sweep_writes_table_plot_and_grids(swept):
   root, _, proc = swept
   out = os.path.join(root, "sweep")
-  rows = sweep.read_results(os.path.join(out, "results.csv"))
+  rows = store.read_results(os.path.join(out, "results.csv"))
   assert len(rows) == 4
-  assert set(sweep.COLUMNS) <= set(rows[0])
+  assert set(store.COLUMNS) <= set(rows[0])
   assert {(r["run"], float(r["p_uncond"]), float(r["w"])) for r in rows} == {
       (f"p_uncond_{p}", float(p), w) for p in ("0.1", "0.5") for w in (0.0, 3.0)}
   for r in rows:
@@ -49,7 +49,7 @@ def test_sweep_writes_table_plot_and_grids(swept):
     assert int(r["step"]) == 20
     # Every metric has a bootstrap standard error, and its replicates are kept.
     assert all(float(r[f"{m}_se"]) > 0 for m in ("fid", "is_mean", "accuracy")), r
-    assert os.path.exists(sweep.replicates_path(out, r))
+    assert os.path.exists(store.replicates_path(out, r))
   table = open(os.path.join(out, "results.md")).read()
   assert "| w | p_uncond=0.1 | p_uncond=0.5 |" in table and "| 3 |" in table
   assert "floor" in table and table.strip() in proc.stdout
@@ -64,17 +64,17 @@ def test_sweep_writes_table_plot_and_grids(swept):
 def test_interrupted_sweep_resumes_without_redoing_cells(swept):
   root, common, _ = swept
   path = os.path.join(root, "sweep", "results.csv")
-  rows = sweep.read_results(path)
+  rows = store.read_results(path)
   kept = [r for r in rows if not (r["run"] == "p_uncond_0.1" and float(r["w"]) == 3.0)]
   with open(path, "w", newline="") as f:  # as if the run died before the last cell
-    writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+    writer = csv.DictWriter(f, fieldnames=store.COLUMNS)
     writer.writeheader()
     writer.writerows(kept)
   proc = run_cli(*common, f"--workdir={root}", *SWEEP_ARGS)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "1 cells to evaluate (3 already done)" in proc.stderr
   assert "Training the evaluation classifier" not in proc.stderr, "classifier is cached"
-  again = sweep.read_results(path)
+  again = store.read_results(path)
   assert len(again) == 4 and again[:3] == kept
   redone = again[3]
   original = next(r for r in rows if r["run"] == "p_uncond_0.1" and float(r["w"]) == 3.0)
@@ -105,7 +105,7 @@ def test_polling_sweep_evaluates_new_checkpoints_until_training_ends(synthetic_d
   sweeper = run_cli(*common, *SWEEP_ARGS[:-1], "--config.sweep.poll_seconds=2")
   assert trainer.wait(timeout=600) == 0
   assert sweeper.returncode == 0, sweeper.stderr[-3000:]
-  steps = [int(r["step"]) for r in sweep.read_results(os.path.join(workdir, "sweep",
+  steps = [int(r["step"]) for r in store.read_results(os.path.join(workdir, "sweep",
                                                                    "results.csv"))]
   assert steps[-1] == 60 and steps == sorted(steps), steps
   assert "waiting 2 s for new checkpoints" in sweeper.stderr or len(steps) == 1
@@ -155,31 +155,31 @@ def test_every_sample_setting_is_part_of_a_cell_and_tables_never_mix_settings():
   from tests import tiny_config
   config = tiny_config.get_config()
   config.sweep.guidance_weights = (0.0, 1.0)
-  run = sweep.Run("p_uncond_0.1", "unused", config)
+  run = orchestrate.Run("p_uncond_0.1", "unused", config)
   scores = dict(fid="5.0", fid_se="0.3", fid_floor="1.0", is_mean="2.0", is_mean_se="0.1",
                 precision="0.5", recall="0.5", accuracy="0.7")
-  rows = [dict(run=run.name, step="7", p_uncond="0.1", w=str(w), **sweep.settings(config),
+  rows = [dict(run=run.name, step="7", p_uncond="0.1", w=str(w), **store.settings(config),
                **scores) for w in (0.0, 1.0)]
   # Round trip through the CSV, as a resumed sweep reads it.
-  done = {sweep._cell_key(r) for r in rows}
-  assert sweep._missing_weights(run, 7, done, config) == []
-  assert sweep._missing_weights(run, 8, done, config) == [0.0, 1.0]
+  done = {store.cell_key(r) for r in rows}
+  assert orchestrate.missing_weights(run, 7, done, config) == []
+  assert orchestrate.missing_weights(run, 8, done, config) == [0.0, 1.0]
   for key, value in (("v", 0.5), ("rescale", 0.7), ("threshold", 0.99), ("clip_x", False),
                      ("guidance_interval", (-5.0, 5.0))):
     changed = config.copy_and_resolve_references()
     changed.sample[key] = value
-    assert sweep._missing_weights(run, 7, done, changed) == [0.0, 1.0], key
+    assert orchestrate.missing_weights(run, 7, done, changed) == [0.0, 1.0], key
   for key, value in (("seed", 1), ("sweep.bootstrap", 50), ("sweep.score_splits", 2)):
     changed = config.copy_and_resolve_references()
     changed.update_from_flattened_dict({key: value})
-    assert sweep._missing_weights(run, 7, done, changed) == [0.0, 1.0], key
+    assert orchestrate.missing_weights(run, 7, done, changed) == [0.0, 1.0], key
   # A row scored by an older version of the metrics is never reused.
-  old = {sweep._cell_key(dict(r, metrics="")) for r in rows}
-  assert sweep._missing_weights(run, 7, old, config) == [0.0, 1.0]
+  old = {store.cell_key(dict(r, metrics="")) for r in rows}
+  assert orchestrate.missing_weights(run, 7, old, config) == [0.0, 1.0]
   changed = config.copy_and_resolve_references()
   changed.sample.v = 0.5
-  rows += [dict(r, **sweep.settings(changed)) for r in rows]
-  table = sweep.results_markdown(rows, {k: 1.0 for k in ("fid", "is_mean", "precision",
+  rows += [dict(r, **store.settings(changed)) for r in rows]
+  table = report.results_markdown(rows, {k: 1.0 for k in ("fid", "is_mean", "precision",
                                                           "recall", "accuracy")})
   assert table.count("### Setting:") == 2 and "v=0.5" in table and "v=0.3" in table
   assert table.count("| 1 | 5.00 ± 0.30 |") == 2, table  # one w=1 row per setting's FID table
@@ -194,11 +194,11 @@ def test_changes_between_weights_carry_paired_errors_and_are_marked_when_resolve
            2.0: (62.1, shared * 3 + 2.0 * rng.normal(size=200))}
   rows, replicates = [], {}
   for w, (fid, noise) in cells.items():
-    rows.append(dict(run="r", step="9", p_uncond="0.2", w=str(w), **sweep.settings(config),
+    rows.append(dict(run="r", step="9", p_uncond="0.2", w=str(w), **store.settings(config),
                      fid=str(fid), fid_se="3.0", is_mean="2.0", precision="0.5", recall="0.5",
                      accuracy="0.7"))
-    replicates[sweep._cell_key(rows[-1])] = {"fid": fid + noise}
-  table = sweep.results_markdown(rows, {}, replicates)
+    replicates[store.cell_key(rows[-1])] = {"fid": fid + noise}
+  table = report.results_markdown(rows, {}, replicates)
   lines = {line.split("|")[2].strip(): line for line in table.splitlines()
            if line.startswith("| p_uncond=0.2 |")}
   # 60 -> 62 with paired error ~0.1: resolved, though each FID has an error of 3.
@@ -216,45 +216,45 @@ def test_changes_between_p_uncond_at_each_weight_are_paired():
   rows, replicates = [], {}
   for run, p, fid, noise in (("a", "0.1", 20.0, shared), ("b", "0.5", 23.0, shared + 0.2 *
                                                            rng.normal(size=200))):
-    rows.append(dict(run=run, step="9", p_uncond=p, w="1.0", **sweep.settings(config),
+    rows.append(dict(run=run, step="9", p_uncond=p, w="1.0", **store.settings(config),
                      fid=str(fid), fid_se="2.0", is_mean="2.0", precision="0.5", recall="0.5",
                      accuracy="0.7"))
-    replicates[sweep._cell_key(rows[-1])] = {"fid": fid + 2.0 * noise}
-  table = sweep.results_markdown(rows, {}, replicates)
+    replicates[store.cell_key(rows[-1])] = {"fid": fid + 2.0 * noise}
+  table = report.results_markdown(rows, {}, replicates)
   assert "Change between adjacent weights" not in table  # one weight per run
   line = next(x for x in table.splitlines() if x.startswith("| 1 | p_uncond=0.1 → p_uncond=0.5"))
-  error = np.std(replicates[sweep._cell_key(rows[1])]["fid"]
-                 - replicates[sweep._cell_key(rows[0])]["fid"], ddof=1)
+  error = np.std(replicates[store.cell_key(rows[1])]["fid"]
+                 - replicates[store.cell_key(rows[0])]["fid"], ddof=1)
   assert f"+3.00 ± {error:.2f} *" in line, line
   # A cell evaluated in this process (typed values) joins the rows as results.csv gives them
   # back, so it is compared with the cells read from the file, not silently skipped.
   fresh = dict(rows[1], step=9, w=1.0, fid=23.0, fid_se=2.0)
-  assert sweep._as_written(fresh) == rows[1]
-  assert f"+3.00 ± {error:.2f} *" in sweep.results_markdown(
-      [rows[0], sweep._as_written(fresh)], {}, replicates)
+  assert store.as_written(fresh) == rows[1]
+  assert f"+3.00 ± {error:.2f} *" in report.results_markdown(
+      [rows[0], store.as_written(fresh)], {}, replicates)
   rows[1]["p_uncond"] = "0.1"  # two runs of one p_uncond: no p_uncond change to report
-  assert "Change between adjacent p_uncond" not in sweep.results_markdown(rows, {}, replicates)
+  assert "Change between adjacent p_uncond" not in report.results_markdown(rows, {}, replicates)
   rows[1]["p_uncond"] = "0.5"
   rows[1]["step"] = "8"  # a run still training is not compared (re-keyed: the key has the step)
-  assert "Change between adjacent p_uncond" not in sweep.results_markdown(
-      rows, {}, {sweep._cell_key(r): replicates[k] for r, k in zip(
+  assert "Change between adjacent p_uncond" not in report.results_markdown(
+      rows, {}, {store.cell_key(r): replicates[k] for r, k in zip(
           rows, replicates, strict=True)})
 
 
 def test_rows_are_written_and_read_back_as_they_are_kept(tmp_path):
   fresh = dict(run="a", step=9, w=0.5, fid=20.25, clip_x=False, rescale=None)
   path = str(tmp_path / "results.csv")
-  sweep._write_results(path, [sweep._as_written(fresh)])
-  (back,) = sweep.read_results(path)
-  assert {k: back[k] for k in fresh} == sweep._as_written(fresh)
-  assert sweep._as_written(fresh)["step"] == "9" and sweep._as_written(fresh)["rescale"] == ""
+  store.write_results(path, [store.as_written(fresh)])
+  (back,) = store.read_results(path)
+  assert {k: back[k] for k in fresh} == store.as_written(fresh)
+  assert store.as_written(fresh)["step"] == "9" and store.as_written(fresh)["rescale"] == ""
 
 
 def test_paired_change_without_comparable_replicates_is_no_row():
   a = dict(run="a", step="9", w="1.0", fid="20.0")
   b = dict(run="a", step="9", w="2.0", fid="22.0")
   draws = np.arange(200.0)
-  comparable = {sweep._cell_key(a): {"fid": draws}, sweep._cell_key(b): {"fid": draws + 1}}
-  assert sweep._paired_changes(a, b, comparable)[0].startswith("+2.00 ± 0.00 *")
-  other_counts = {sweep._cell_key(a): {"fid": draws}, sweep._cell_key(b): {"fid": draws[:100]}}
-  assert sweep._paired_changes(a, b, other_counts) is None
+  comparable = {store.cell_key(a): {"fid": draws}, store.cell_key(b): {"fid": draws + 1}}
+  assert report.paired_changes(a, b, comparable)[0].startswith("+2.00 ± 0.00 *")
+  other_counts = {store.cell_key(a): {"fid": draws}, store.cell_key(b): {"fid": draws[:100]}}
+  assert report.paired_changes(a, b, other_counts) is None
