@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +96,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
   full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
   return subprocess.run([sys.executable, "-m", "cfgdiff.main", *args], cwd=ROOT, env=full_env,
                         capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 1.0,
+             proc: subprocess.Popen | None = None):
+  """``condition()``'s first truthy value, polled every ``interval`` s; an AssertionError
+  naming ``what`` after ``timeout`` s, or at once if ``proc`` exits first."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    value = condition()
+    if value:
+      return value
+    if proc is not None and proc.poll() is not None:
+      raise AssertionError(f"the job exited {proc.returncode} before {what}")
+    time.sleep(interval)
+  raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 # One level, no attention: several processes compile it on two cores in a fraction of the

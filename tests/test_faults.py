@@ -30,6 +30,7 @@ from tests.conftest import (
   run_cli,
   start_cli_processes,
   wait_cli_processes,
+  wait_for,
 )
 from tests.test_train import _final_state
 
@@ -47,18 +48,6 @@ def _start(args: list[str], log_path, env: dict | None = None) -> subprocess.Pop
     return subprocess.Popen([sys.executable, "-m", "cfgdiff.main", *args], cwd=ROOT,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {})),
                             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-
-
-def _wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    value = condition()
-    if value:
-      return value
-    if proc is not None and proc.poll() is not None:
-      raise AssertionError(f"the job exited {proc.returncode} before {what}")
-    time.sleep(0.02)
-  raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _text(path) -> str:
@@ -97,8 +86,8 @@ def test_sigkill_mid_save_then_requeue_on_another_host_equals_uninterrupted(
   args = [*_common(synthetic_data, workdir), "--config.train.checkpoint_every_steps=1"]
   job = _start([*args, "--config.train.num_steps=100000"], tmp_path / "first.log",
                env={"SLURM_JOB_ID": "4242"})
-  _wait_for(lambda: len(checkpoint.saved_steps(workdir)) >= 2 and _in_flight(workdir), 600,
-            "two committed steps and a save in flight", job)
+  wait_for(lambda: len(checkpoint.saved_steps(workdir)) >= 2 and _in_flight(workdir), 600,
+           "two committed steps and a save in flight", interval=0.02, proc=job)
   os.killpg(job.pid, signal.SIGKILL)  # the node died: no signal handler, no atexit
   job.wait()
   committed = checkpoint.saved_steps(workdir)
@@ -125,7 +114,8 @@ def test_a_job_whose_lock_was_taken_over_stops_without_saving_more(synthetic_dat
   workdir = str(tmp_path / "run")
   job = _start([*_common(synthetic_data, workdir), "--config.train.num_steps=100000",
                 "--config.train.checkpoint_every_steps=2"], tmp_path / "job.log")
-  _wait_for(lambda: len(checkpoint.saved_steps(workdir)) >= 2, 600, "two checkpoints", job)
+  wait_for(lambda: len(checkpoint.saved_steps(workdir)) >= 2, 600, "two checkpoints",
+           interval=0.02, proc=job)
   # Another job took the workdir over (it judged this one dead) and wrote its own lock.
   lock = os.path.join(workdir, "train.lock")
   before = checkpoint.saved_steps(workdir)
@@ -151,10 +141,12 @@ def test_sigterm_before_the_first_step_and_again_during_the_save(synthetic_data,
                                "--config.train.num_steps=100000",
                                "--config.train.checkpoint_every_steps=100000", log_dir=logs)
   log = os.path.join(logs, "process_0.log")
-  _wait_for(lambda: "process(es); memory allocator" in _text(log), 300, "start-up", job)
+  wait_for(lambda: "process(es); memory allocator" in _text(log), 300, "start-up",
+           interval=0.02, proc=job)
   assert "Training 100000 steps" not in _text(log)
   job.send_signal(signal.SIGTERM)  # while it restores and compiles
-  _wait_for(lambda: "Preempted (SIGTERM) at step" in _text(log), 300, "the preemption", job)
+  wait_for(lambda: "Preempted (SIGTERM) at step" in _text(log), 300, "the preemption",
+           interval=0.02, proc=job)
   job.send_signal(signal.SIGTERM)  # the cluster insists while the save is in flight
   (text,) = wait_cli_processes([job], logs, timeout=300, expected_code=75)
   stopped = int(text.split("Preempted (SIGTERM) at step ")[1].split(":")[0])
@@ -173,7 +165,8 @@ def test_a_hung_peer_ends_the_job_within_the_step_timeout_and_the_rerun_finishes
   logs = str(tmp_path / "logs")
   procs = start_cli_processes(2, *args, "--config.train.num_steps=100000",
                               f"--config.runtime.step_timeout_seconds={timeout}", log_dir=logs)
-  _wait_for(lambda: checkpoint.saved_steps(workdir), 600, "the first checkpoint", procs[1])
+  wait_for(lambda: checkpoint.saved_steps(workdir), 600, "the first checkpoint",
+           interval=0.02, proc=procs[1])
   # Process 0 (the coordinator and the lock holder) hangs: a paused VM, a stuck driver.
   procs[0].send_signal(signal.SIGSTOP)
   hung_at = time.monotonic()

@@ -37,7 +37,7 @@ import pytest
 
 from cfgdiff import checkpoint
 from tests import tfds_datasets
-from tests.conftest import ROOT, free_port, xla_flags
+from tests.conftest import ROOT, free_port, wait_for, xla_flags
 
 pytestmark = pytest.mark.rehearsal
 
@@ -61,16 +61,6 @@ SWEEP = ["--mode=sweep", "--config.sweep.poll_seconds=2", "--config.sweep.num_sa
 def log(message: str) -> None:
   """The rehearsal's own log, shown by `make rehearse` (pytest -s) and kept in README."""
   print(f"[rehearsal {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    value = predicate()
-    if value:
-      return value
-    time.sleep(interval)
-  raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,17 @@ def test_sampling_notebook_needs_no_training(tmp_path, monkeypatch):
   assert "10 classes" in text and "guidance scale s = 4.0" in text
 
 
+def test_sampling_notebook_is_committed_with_its_pictures():
+  """As GitHub and Colab show it before anything runs: the grids of its default run."""
+  import nbformat
+
+  from tests.conftest import ROOT
+  notebook = nbformat.read(os.path.join(ROOT, "notebooks", "sampling.ipynb"), as_version=4)
+  images = [o for cell in notebook.cells if cell.cell_type == "code"
+            for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+  assert len(images) == 5, "the one-class grid across w and one grid per default w (4)"
+
+
 def test_exported_reference_samples_like_its_checkpoint(trained_workdir, synthetic_data,
                                                        tmp_path, monkeypatch):
   """A workdir exported as a reference model (`python -m cfgdiff.reference`) loads back
