@@ -150,7 +150,7 @@ def test_cli_trains_resumes_bitwise_and_sweeps_on_an_image_folder(folder, tmp_pa
   root, _ = folder
   common = [f"--config={TINY_CONFIG}", "--config.data.name=image_folder",
             f"--config.data.path={root}", "--config.data.channels=3",
-            "--config.data.random_flip=True", "--config.data.num_workers=2"]
+            "--config.data.random_flip=True", "--config.data.num_workers=1"]
   whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
   for workdir, steps in ((whole, 4), (split, 2), (split, 4)):
     proc = run_cli(*common, f"--workdir={workdir}", f"--config.train.num_steps={steps}",
