@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgdiff import checkpoint, configs, reference, samplers, sampling, sources
+from cfgdiff import checkpoint, configs, guidance, reference, samplers, sampling, sources
 
 
 class Model:
@@ -61,7 +61,10 @@ class Model:
              steps: int | None = None, seed: int = 0, sampler: str | None = None,
              v: float | None = None, interval: tuple[float, float] | None = None,
              rescale: float | None = None, threshold: float | None = None,
-             clip_x: bool | None = None, fused: bool | None = None) -> np.ndarray:
+             clip_x: bool | None = None, fused: bool | None = None,
+             guidance: str | None = None, classifier_workdir: str | None = None,
+             classifier_model: str | None = None, weak_workdir: str | None = None,
+             weak_step: int | None = None) -> np.ndarray:
     """uint8 images [N, H, W, C], one per entry of ``classes``.
 
     Args:
@@ -75,12 +78,20 @@ class Model:
       rescale: CFG rescale factor in [0, 1] (0: off). threshold: dynamic-thresholding
         percentile in [0, 1) (0: off). clip_x: clip x~ to [-1, 1] at each step.
       fused: evaluate the conditional and unconditional passes as one 2N batch.
+      guidance: "cfg" (classifier-free, the default), "classifier" (``w`` is the
+        classifier scale; needs ``classifier_workdir``, a --mode=train_classifier
+        workdir, and starts from the ``classifier_model`` "conditional" or
+        "unconditional") or "auto" (autoguidance by checkpoint ``weak_step`` of
+        ``weak_workdir``, a weaker model of the same data; '' = this workdir).
     Unset options keep the config's sample.* values.
     """
     labels = self.labels(classes)
     sc = self.config.sample
     chosen = {"sampler": sampler, "num_steps": steps, "v": v, "guidance_interval": interval,
-              "rescale": rescale, "threshold": threshold, "clip_x": clip_x, "fused": fused}
+              "rescale": rescale, "threshold": threshold, "clip_x": clip_x, "fused": fused,
+              "guidance": guidance, "classifier_workdir": classifier_workdir,
+              "classifier_model": classifier_model, "weak_workdir": weak_workdir,
+              "weak_step": weak_step}
     chosen = {k: value for k, value in chosen.items() if value is not None}
     saved = {k: sc[k] for k in chosen}
     devices = jax.device_count()
@@ -158,6 +169,7 @@ def guided_sample(eps_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
   w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), labels.shape)
   spec = samplers.SamplerSpec(sampler, steps, fused, *logsnr_range)
   keys = samplers.example_keys(seed, jnp.arange(labels.shape[0]))
-  run = jax.jit(lambda k, y, ws, o: samplers.sample(eps_fn, k, y, ws, tuple(image_shape),
-                                                    null_label, spec, o)[0])
+  guide = guidance.classifier_free(eps_fn, null_label, fused)
+  run = jax.jit(lambda k, y, ws, o: samplers.sample(guide, k, y, ws, tuple(image_shape), spec,
+                                                    o)[0])
   return run(keys, labels, w, samplers.GuidanceOptions.create(**options))

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cfgdiff import topology
-from cfgdiff.models import UNet
+from cfgdiff.models import NoisyClassifier, UNet
 
 Array = jnp.ndarray
 PyTree = Any
@@ -36,21 +36,50 @@ class TrainState:
   num_skipped: Array  # int32 scalar: updates skipped for a non-finite loss or gradient
 
 
-def make_model(config: ml_collections.ConfigDict) -> UNet:
+MODEL_KINDS = {"unet": UNet, "noisy_classifier": NoisyClassifier}
+
+
+def make_model(config: ml_collections.ConfigDict) -> UNet | NoisyClassifier:
+  """The network config.model describes: the denoising U-Net, or (model.kind
+  'noisy_classifier', --mode=train_classifier) classifier guidance's noisy classifier."""
   m = config.model
-  return UNet(num_classes=config.data.num_classes, ch=m.ch, ch_mult=tuple(m.ch_mult),
-              num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-              head_channels=m.head_channels, num_heads=m.num_heads, dropout=m.dropout,
-              dtype=jnp.dtype(m.dtype))
+  return MODEL_KINDS[m.kind](
+      num_classes=config.data.num_classes, ch=m.ch, ch_mult=tuple(m.ch_mult),
+      num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+      head_channels=m.head_channels, num_heads=m.num_heads, dropout=m.dropout,
+      dtype=jnp.dtype(m.dtype))
+
+
+def model_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[Array, ...]:
+  """Zero inputs of the network's call: (z, logsnr, label) for the U-Net, (z, logsnr) for
+  the classifier."""
+  size, channels = config.data.image_size, config.data.channels
+  inputs = (jnp.zeros((batch_size, size, size, channels)), jnp.zeros((batch_size,)))
+  if config.model.kind == "unet":
+    inputs += (jnp.zeros((batch_size,), jnp.int32),)
+  return inputs
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with linear warm-up to a constant rate, after global-norm gradient clipping."""
-  lr = train_config.learning_rate
-  if train_config.warmup_steps:
-    lr = optax.linear_schedule(0.0, lr, train_config.warmup_steps)
-  return optax.chain(optax.clip_by_global_norm(train_config.grad_clip),
-                     optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2))
+  """Adam (AdamW with train.weight_decay > 0) with linear warm-up to a constant rate, or,
+  with train.anneal_lr, then linearly down to 0 at train.num_steps (ADM's classifier);
+  after global-norm gradient clipping (train.grad_clip; 0 = none)."""
+  tc = train_config
+  if tc.anneal_lr:
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps),
+         optax.linear_schedule(tc.learning_rate, 0.0, max(tc.num_steps - tc.warmup_steps, 1))],
+        [tc.warmup_steps])
+  elif tc.warmup_steps:
+    lr = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
+  else:
+    lr = tc.learning_rate
+  if tc.weight_decay:
+    adam = optax.adamw(lr, b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay)
+  else:
+    adam = optax.adam(lr, b1=tc.adam_b1, b2=tc.adam_b2)
+  return optax.chain(optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip
+                     else optax.identity(), adam)
 
 
 # Mesh axes: 'data' replicates parameters; 'fsdp' shards them (and the optimizer state),
@@ -88,9 +117,7 @@ def leaf_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
 def init_state(config: ml_collections.ConfigDict, model: UNet,
                optimizer: optax.GradientTransformation, rng: Array) -> TrainState:
   rng_init, rng_train = jax.random.split(rng)
-  size, channels = config.data.image_size, config.data.channels
-  params = model.init(rng_init, jnp.zeros((1, size, size, channels)), jnp.zeros((1,)),
-                      jnp.zeros((1,), jnp.int32))["params"]
+  params = model.init(rng_init, *model_inputs(config))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params),
                     opt_state=optimizer.init(params), rng=rng_train,

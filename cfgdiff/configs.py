@@ -17,6 +17,12 @@ import ml_collections
 DTYPES = ("float32", "bfloat16")
 KERNEL_GRADIENTS = ("auto", "taps", "xla")  # train.kernel_gradient
 FEATURE_NETS = ("classifier", "inception")
+MODEL_KINDS = ("unet", "noisy_classifier")
+GUIDANCE_METHODS = ("cfg", "classifier", "auto")  # guidance.METHODS, without importing jax
+CLASSIFIER_MODELS = ("conditional", "unconditional")
+# The sweep's weight grid of each guidance method (config.sweep.*).
+METHOD_WEIGHT_KEYS = {"cfg": "guidance_weights", "classifier": "classifier_weights",
+                      "auto": "auto_weights"}
 INCEPTION_WEIGHTS = ("download", "default_1")  # or the path of a pytorch-fid state dict
 
 
@@ -44,11 +50,18 @@ def default_config() -> ml_collections.ConfigDict:
   # Mirror each training image left-right with probability 1/2 (ADM and the paper's code
   # do on ImageNet); a function of (seed, step, position in the global batch).
   config.data.random_flip = False
+  # ADM's random crop (guided-diffusion image_datasets.random_crop_arr): each training
+  # image is enlarged by a random factor in [1, 1.25] (bicubic) and cropped back to its
+  # size at a random place; a function of (seed, step, position) like the flip.
+  config.data.random_crop = False
   # Input worker processes (grain) computing batches ahead of the training step; 0 computes
   # each batch in the training thread. Batches are the same for any value.
   config.data.num_workers = 0
 
   config.model = ml_collections.ConfigDict()
+  # "unet" (the denoiser) or "noisy_classifier" (classifier guidance's classifier, set by
+  # --mode=train_classifier from the classifier.* keys below).
+  config.model.kind = "unet"
   config.model.ch = 64
   config.model.ch_mult = (1, 2, 2)
   config.model.num_res_blocks = 2
@@ -71,7 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.warmup_steps = 100
   config.train.adam_b1 = 0.9
   config.train.adam_b2 = 0.999
-  config.train.grad_clip = 1.0
+  config.train.grad_clip = 1.0  # global-norm clipping; 0 = none
+  config.train.weight_decay = 0.0  # > 0: AdamW's decoupled weight decay
+  config.train.anneal_lr = False  # after warm-up, the rate falls linearly to 0 at num_steps
   config.train.ema_decay = 0.9999
   config.train.checkpoint_every_steps = 500
   config.train.keep_checkpoints = 3
@@ -100,13 +115,31 @@ def default_config() -> ml_collections.ConfigDict:
   config.sample.rescale = 0.0  # CFG rescale phi (0 = off)
   config.sample.threshold = 0.0  # dynamic-thresholding percentile (0 = off)
   config.sample.clip_x = True  # clip x~ to [-1, 1] each step, as the authors' code does
+  # Guidance method (cfgdiff/guidance.py): "cfg" (the paper's classifier-free guidance,
+  # weight w), "classifier" (a noisy classifier's gradient, scale s = the weight) or
+  # "auto" (autoguidance by a weaker denoiser, weight w).
+  config.sample.guidance = "cfg"
+  config.sample.classifier_workdir = ""  # 'classifier': a --mode=train_classifier workdir
+  # 'classifier': the denoiser it starts from, "conditional" (the label, as ADM-G) or
+  # "unconditional" (the null token).
+  config.sample.classifier_model = "conditional"
+  # 'auto': the weak model is checkpoint weak_step (0 = the latest) of weak_workdir, a
+  # smaller network of the same data ("" = an earlier checkpoint of this workdir).
+  config.sample.weak_workdir = ""
+  config.sample.weak_step = 0
 
   # Evaluation sweep (--mode=sweep): every run under WORKDIR x every w, the same labels
   # and seeds at every w; results in WORKDIR/sweep/. Sampler options come from sample.*.
   config.sweep = ml_collections.ConfigDict()
   config.sweep.guidance_weights = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
                                    2.0, 3.0, 4.0)  # the paper's Table 1 grid
-  config.sweep.num_samples = 50_000  # per (run, w); classes taken in turn
+  # Guidance methods compared, each over its own weight grid on the same seeds and labels:
+  # "cfg" over guidance_weights (w), "classifier" over classifier_weights (scale s; needs
+  # sample.classifier_workdir), "auto" over auto_weights (w; needs sample.weak_*).
+  config.sweep.methods = ("cfg",)
+  config.sweep.classifier_weights = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+  config.sweep.auto_weights = (0.0, 0.5, 1.0, 2.0, 3.0)
+  config.sweep.num_samples = 50_000  # per (run, method, w); classes taken in turn
   config.sweep.sampler = "ancestral"
   config.sweep.num_steps = 256
   config.sweep.feature_net = "classifier"  # 'classifier' (28x28 grey) or 'inception'
@@ -137,6 +170,28 @@ def default_config() -> ml_collections.ConfigDict:
   # Bootstrap replicates behind every standard error (0 = none). The same positions are
   # resampled at every w, so differences between weights get paired errors.
   config.sweep.bootstrap = 200
+
+  # The noisy classifier of classifier guidance (--mode=train_classifier: the same data,
+  # log-SNR distribution and training loop; these keys replace model.* and train.*).
+  # CPU-scale defaults; the ImageNet configs set ADM's released classifier's values.
+  config.classifier = ml_collections.ConfigDict()
+  config.classifier.ch = 32  # ADM's classifier_width
+  config.classifier.ch_mult = (1, 2, 2)
+  config.classifier.num_res_blocks = 1  # ADM's classifier_depth
+  config.classifier.attn_resolutions = (7,)
+  config.classifier.head_channels = 32
+  config.classifier.dropout = 0.0
+  config.classifier.num_steps = 2000
+  config.classifier.batch_size = 64
+  config.classifier.learning_rate = 3e-4  # ADM's classifier lr
+  config.classifier.weight_decay = 0.05  # ADM's
+  config.classifier.anneal_lr = True  # ADM's
+  config.classifier.warmup_steps = 0
+  config.classifier.random_crop = False
+  config.classifier.random_flip = True
+  # Held-out accuracy reported at these log-SNRs when training ends (classifier_eval.json).
+  config.classifier.eval_logsnrs = (-10.0, -5.0, -2.0, 0.0, 2.0, 5.0, 10.0)
+  config.classifier.eval_examples = 2000
 
   # Devices: on a CPU-only host, one XLA device per core (0 = auto) is measurably
   # faster than one device using every core (see BENCHMARKS.md).
@@ -185,6 +240,24 @@ def from_dict(saved: dict, source: str = "config") -> ml_collections.ConfigDict:
 
   overlay(config, saved, "")
   return config
+
+
+def classifier_run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config --mode=train_classifier trains: ``config`` with model.* and train.* taken
+  from classifier.* (model.kind 'noisy_classifier'; no EMA and no gradient clipping, as
+  ADM's classifier_train.py). Saved as the classifier workdir's config.json."""
+  run = config.copy_and_resolve_references()
+  cc = run.classifier
+  run.model.kind = "noisy_classifier"
+  for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "head_channels",
+              "dropout"):
+    run.model[key] = cc[key]
+  for key in ("num_steps", "batch_size", "learning_rate", "weight_decay", "anneal_lr",
+              "warmup_steps"):
+    run.train[key] = cc[key]
+  run.train.ema_decay, run.train.grad_clip = 0.0, 0.0
+  run.data.random_crop, run.data.random_flip = cc.random_crop, cc.random_flip
+  return run
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -251,6 +324,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
            "must lie in [0, 1)")
   _require(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must lie in [0, 1)")
   _require(model.dtype in DTYPES, "model.dtype", model.dtype, f"must be one of {DTYPES}")
+  _require(model.kind in MODEL_KINDS, "model.kind", model.kind,
+           f"must be one of {MODEL_KINDS} (the classifier's is set by --mode=train_classifier)")
+  _require(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "must be >= 0")
+  _require(train.grad_clip >= 0, "train.grad_clip", train.grad_clip, "must be >= 0 (0 = none)")
   _require(model.ch >= 1 and len(model.ch_mult) >= 1, "model.ch_mult", model.ch_mult,
            "needs a positive model.ch and at least one level")
   factor = 2 ** (len(model.ch_mult) - 1)
@@ -304,13 +381,28 @@ def validate_sample(sample: ml_collections.ConfigDict) -> None:
   _require(0.0 <= sample.rescale <= 1.0, "sample.rescale", sample.rescale, "must lie in [0, 1]")
   _require(0.0 <= sample.threshold < 1.0, "sample.threshold", sample.threshold,
            "must lie in [0, 1) (0 = off)")
+  _require(sample.guidance in GUIDANCE_METHODS, "sample.guidance", sample.guidance,
+           f"must be one of {GUIDANCE_METHODS} (classifier-free, classifier, autoguidance)")
+  _require(sample.classifier_model in CLASSIFIER_MODELS, "sample.classifier_model",
+           sample.classifier_model, f"must be one of {CLASSIFIER_MODELS}")
+  _require(isinstance(sample.weak_step, int) and sample.weak_step >= 0, "sample.weak_step",
+           sample.weak_step, "must be a checkpoint step, or 0 for the latest")
+
+
+def method_weights(sweep: ml_collections.ConfigDict, method: str) -> tuple[float, ...]:
+  """The weight grid the sweep evaluates guidance ``method`` over."""
+  return tuple(float(w) for w in sweep[METHOD_WEIGHT_KEYS[method]])
 
 
 def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
   """Checks config.sweep.* (used by --mode=sweep)."""
-  _require(len(sweep.guidance_weights) >= 1 and all(
-      _is_finite_number(w) for w in sweep.guidance_weights), "sweep.guidance_weights",
-           sweep.guidance_weights, "must be a non-empty tuple of finite numbers")
+  methods = tuple(sweep.methods) if isinstance(sweep.methods, (tuple, list)) else ()
+  _require(len(methods) >= 1 and len(set(methods)) == len(methods)
+           and set(methods) <= set(GUIDANCE_METHODS), "sweep.methods", sweep.methods,
+           f"must be a non-empty tuple of distinct methods from {GUIDANCE_METHODS}")
+  for key in METHOD_WEIGHT_KEYS.values():
+    _require(len(sweep[key]) >= 1 and all(_is_finite_number(w) for w in sweep[key]),
+             f"sweep.{key}", sweep[key], "must be a non-empty tuple of finite numbers")
   from cfgdiff import samplers  # here, not at the top: configs must not import jax
   _require(sweep.sampler in samplers.METHODS, "sweep.sampler", sweep.sampler,
            f"must be one of {samplers.names()}")

@@ -61,8 +61,20 @@ def center_crop_resize(image: np.ndarray, size: int, channels: int = 3) -> np.nd
   return array[top:top + size, left:left + size]
 
 
-# Mixed into each flip's seed so that flips and the shuffle never share a random stream.
+# Mixed into each flip's or crop's seed so that they and the shuffle never share a
+# random stream.
 _FLIP_STREAM = 0x666C6970  # "flip"
+_CROP_STREAM = 0x63726F70  # "crop"
+
+
+def enlarge_and_crop(image: np.ndarray, enlarged: int, top: int, left: int) -> np.ndarray:
+  """ADM's random crop of an image already at its size S (guided-diffusion's
+  random_crop_arr with crop fractions [0.8, 1]): bicubic resize to ``enlarged`` >= S, then
+  the S x S window at (top, left). uint8 [S, S, C] -> uint8 [S, S, C]."""
+  size = image.shape[0]
+  pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+  array = np.asarray(pil.resize((enlarged, enlarged), resample=Image.BICUBIC))
+  return array.reshape(enlarged, enlarged, -1)[top:top + size, left:left + size]
 
 
 @dataclasses.dataclass
@@ -74,7 +86,9 @@ class Batcher:
   returns this process's contiguous slice of the global batch, so the data position
   saved with a checkpoint is just the step. With ``random_flip``, the example at global
   position i of step s is mirrored left-right when draw i of
-  ``default_rng([seed, _FLIP_STREAM, s])`` is below 1/2, whatever the process count.
+  ``default_rng([seed, _FLIP_STREAM, s])`` is below 1/2, whatever the process count; with
+  ``random_crop``, its enlarged size and window come from ``default_rng([seed,
+  _CROP_STREAM, s])`` the same way (`enlarge_and_crop`, before the flip).
   """
 
   source: Source
@@ -83,6 +97,7 @@ class Batcher:
   process_index: int = 0
   process_count: int = 1
   random_flip: bool = False
+  random_crop: bool = False
 
   def __post_init__(self):
     self.steps_per_epoch = len(self.source) // self.global_batch_size
@@ -127,9 +142,22 @@ class Batcher:
         self.global_batch_size)
     return draws[self._local()] < 0.5
 
+  def crops(self, step: int, size: int) -> np.ndarray:
+    """int [B_local, 3]: (enlarged size, top, left) of each of this process's examples at
+    ``step``, for images of side ``size``: the size uniform in [S, ceil(1.25 S)], then the
+    window uniform over the enlarged image (ADM's draws)."""
+    rng = np.random.default_rng([self.seed, _CROP_STREAM, step])
+    enlarged = rng.integers(size, -(-5 * size // 4) + 1, self.global_batch_size)
+    top, left = (np.floor(rng.random(self.global_batch_size) * (enlarged - size + 1))
+                 .astype(int) for _ in range(2))
+    return np.stack([enlarged, top, left], axis=1)[self._local()]
+
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """{'image': float32 [B_local,H,W,C] in [-1, 1], 'label': int32 [B_local]}."""
     images, labels = self.source.read(self.indices(step))
+    if self.random_crop:
+      for i, (enlarged, top, left) in enumerate(self.crops(step, images.shape[1])):
+        images[i] = enlarge_and_crop(images[i], enlarged, top, left)
     flip = self.flips(step)
     if flip.any():  # reads return fresh arrays (fancy indexing, np.stack): flip in place
       images[flip] = images[flip, :, ::-1]
@@ -228,7 +256,7 @@ class Pipeline:
 
 def make_pipeline(source: Source, global_batch_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  num_workers: int = 0, random_flip: bool = False,
+                  num_workers: int = 0, random_flip: bool = False, random_crop: bool = False,
                   prefetch: int = PREFETCH_PER_WORKER) -> Pipeline:
   """This process's training batches from ``start_step`` on (see `Pipeline`, `Batcher`).
 
@@ -243,7 +271,9 @@ def make_pipeline(source: Source, global_batch_size: int, seed: int,
     num_workers: worker processes computing batches ahead; 0 computes each batch in the
       calling thread when asked (no processes, no prefetch).
     random_flip: mirror each example left-right with probability 1/2.
+    random_crop: ADM's random enlarge-and-crop of each example (`Batcher`).
     prefetch: batches each worker computes ahead.
   """
-  batcher = Batcher(source, global_batch_size, seed, process_index, process_count, random_flip)
+  batcher = Batcher(source, global_batch_size, seed, process_index, process_count, random_flip,
+                    random_crop)
   return Pipeline(batcher, start_step, num_workers, prefetch)

@@ -1,14 +1,22 @@
-"""Classifier-free guidance of one denoiser: eps~ = (1 + w) eps(z, c) - w eps(z, null).
+"""Guidance: how a guided eps-prediction is made from one or more networks.
 
-``w`` is the paper's guidance weight: w = 0 is the plain conditional model, w = -1 the
+Classifier-free guidance (the paper): eps~ = (1 + w) eps(z, c) - w eps(z, null). ``w`` is
+the paper's guidance weight: w = 0 is the plain conditional model, w = -1 the
 unconditional one. Other tools (Imagen, diffusers) use the "guidance scale" s = 1 + w.
+Beside it, for comparison on the same samplers: classifier guidance (a noisy classifier's
+gradient) and autoguidance (a weaker model of the same data). Each is a `Guide`; the
+samplers know nothing else about guidance.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
+
+from cfgdiff import configs
 
 Array = jnp.ndarray
 # eps_fn(z [B,H,W,C], logsnr [B], label [B]) -> eps [B,H,W,C]
@@ -53,3 +61,77 @@ def dynamic_threshold(x: Array, percentile: Array) -> Array:
   s = jnp.maximum(jnp.quantile(flat, jnp.clip(percentile, 0.0, 1.0), axis=1), 1.0)
   s = s.reshape((-1,) + (1,) * len(axes))
   return jnp.where(percentile > 0, jnp.clip(x, -s, s) / s, x)
+
+
+# log_prob_fn(z [B,H,W,C], logsnr [B], label [B]) -> log p(label | z) [B]
+LogProbFn = Callable[[Array, Array, Array], Array]
+
+
+class Guide(NamedTuple):
+  """One guidance method, as the samplers use it (`samplers.sample`).
+
+  guided(z [B,H,W,C], logsnr [B], labels [B], w [B]) -> (eps~, eps_ref): the guided
+    prediction at weight ``w``, and the unguided one CFG rescale matches its spread to.
+  unguided(z, logsnr, labels) -> eps: the prediction outside the guidance interval.
+  evaluations: forward passes of a network (denoiser or classifier) per guided
+    prediction; unguided ones cost one.
+  backward_passes: backward passes through a network per guided prediction (classifier
+    guidance's gradient), which cost about two forward passes each.
+  """
+
+  guided: Callable[[Array, Array, Array, Array], tuple[Array, Array]]
+  unguided: Callable[[Array, Array, Array], Array]
+  evaluations: int
+  backward_passes: int = 0
+
+
+METHODS = configs.GUIDANCE_METHODS  # declared there: the configs must not import jax
+
+
+def classifier_free(eps_fn: EpsFn, null_label: int, fused: bool = False) -> Guide:
+  """The paper's guidance: eps~ = (1 + w) eps(z, c) - w eps(z, null)."""
+
+  def guided(z, logsnr, labels, w):
+    eps_c, eps_u = cond_and_uncond(eps_fn, z, logsnr, labels, null_label, fused)
+    return combine(eps_c, eps_u, w), eps_c
+
+  return Guide(guided, eps_fn, evaluations=2)
+
+
+def classifier_gradient(log_prob_fn: LogProbFn, z: Array, logsnr: Array,
+                        labels: Array) -> Array:
+  """grad_z log p(label | z) [B,H,W,C], each example's own (the log-probabilities of a
+  batch are independent, so the gradient of their sum is the per-example one)."""
+  return jax.grad(lambda x: jnp.sum(log_prob_fn(x, logsnr, labels)))(z)
+
+
+def classifier(eps_fn: EpsFn, log_prob_fn: LogProbFn, null_label: int | None) -> Guide:
+  """Classifier guidance (Dhariwal & Nichol 2021, their eq. 14 for eps-models):
+  eps~ = eps(z, c') - w sigma grad_z log p(c | z), with ``w`` the classifier scale s.
+
+  ``null_label``: c' is the null token, the unconditional model (None: c' = c, the
+  conditional model, as ADM-G). With exact models, CFG at weight w equals this at scale
+  w + 1 on the unconditional model and at scale w on the conditional one.
+  """
+
+  def denoise(z, logsnr, labels):
+    return eps_fn(z, logsnr, labels if null_label is None else jnp.full_like(labels, null_label))
+
+  def guided(z, logsnr, labels, w):
+    eps = denoise(z, logsnr, labels)
+    sigma = jnp.sqrt(jax.nn.sigmoid(-logsnr)).reshape((-1,) + (1,) * (z.ndim - 1))
+    grad = classifier_gradient(log_prob_fn, z, logsnr, labels).astype(eps.dtype)
+    return eps - w.reshape(sigma.shape) * sigma * grad, eps
+
+  return Guide(guided, denoise, evaluations=2, backward_passes=1)
+
+
+def autoguidance(strong_eps_fn: EpsFn, weak_eps_fn: EpsFn) -> Guide:
+  """Autoguidance (Karras et al. 2024): eps~ = eps_weak + (1 + w) (eps_strong - eps_weak),
+  both for the same label; w = 0 is the strong model alone."""
+
+  def guided(z, logsnr, labels, w):
+    strong, weak = strong_eps_fn(z, logsnr, labels), weak_eps_fn(z, logsnr, labels)
+    return combine(strong, weak, w), strong
+
+  return Guide(guided, strong_eps_fn, evaluations=2)

@@ -22,11 +22,14 @@ from cfgdiff import allocator, configs, preemption, topology
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "sweep"],
-                          "train: train or resume; sample: guided samples from the latest "
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "train_classifier", "sample", "sweep"],
+                          "train: train or resume; train_classifier: train or resume the "
+                          "noisy classifier of classifier guidance (config.classifier.*) "
+                          "in its own WORKDIR, then report its held-out accuracy by noise "
+                          "level; sample: guided samples from the latest "
                           "checkpoint into WORKDIR/samples; sweep: FID/IS/precision/recall "
-                          "over config.sweep.guidance_weights for every run under WORKDIR, "
-                          "into WORKDIR/sweep.")
+                          "of every run under WORKDIR, for each guidance method of "
+                          "config.sweep.methods over its weight grid, into WORKDIR/sweep.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPU). "
     "On TPU VMs and under SLURM the cluster is detected; elsewhere pass the three flags below.")
@@ -106,6 +109,9 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   try:
     configs.check_known_keys(config)
+    training = _MODE.value in ("train", "train_classifier")
+    if _MODE.value == "train_classifier":
+      config = configs.classifier_run_config(config)
     _set_cpu_devices(configs.auto_cpu_devices(config, os.cpu_count() or 1))
     import jax  # pylint: disable=g-import-not-at-top
     if _MULTIHOST.value:
@@ -126,7 +132,7 @@ def main(argv: list[str]) -> None:
     # TPU machine unless JAX_PLATFORMS=cpu (a ConfigError: one line, nothing written).
     from cfgdiff import backend  # pylint: disable=g-import-not-at-top
     backend.start_up(jax, allocator.in_use())
-    if _MODE.value == "train":
+    if training:
       from cfgdiff import data, memory_plan, sources  # pylint: disable=g-import-not-at-top
       try:  # the data first: a wrong name, split or folder is one line before any tracing
         sources.open_split(config.data, "train")
@@ -138,11 +144,13 @@ def main(argv: list[str]) -> None:
     # pylint: disable-next=g-import-not-at-top
     from cfgdiff import checkpoint, data, resume, sampling, sweep, train, workdir_lock
     try:
-      if _MODE.value == "train":
+      if training:
         state = train.train(config, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
         if int(state.step) < config.train.num_steps:
           # Saved early on SIGTERM: a distinct code lets a launcher requeue the job.
           sys.exit(preemption.EXIT_PREEMPTED)
+        if _MODE.value == "train_classifier":
+          _report_classifier(config, state)
       else:
         run = sampling.run if _MODE.value == "sample" else sweep.run
         for path in run(config, _WORKDIR.value):
@@ -159,6 +167,20 @@ def main(argv: list[str]) -> None:
       sys.exit(preemption.EXIT_PREEMPTED)
   except configs.ConfigError as e:
     _fail(str(e))
+
+
+def _report_classifier(config, state) -> None:
+  """Logs the trained classifier's held-out accuracy by log-SNR; process 0 writes it to
+  WORKDIR/classifier_eval.json."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  from cfgdiff import classifier_eval  # pylint: disable=g-import-not-at-top
+  params = multihost_utils.process_allgather(state.ema_params, tiled=True)
+  result = classifier_eval.held_out_accuracy(config, params, int(state.step))
+  logging.info("%s", classifier_eval.table(result))
+  if jax.process_index() == 0:
+    print(classifier_eval.write(_WORKDIR.value, result))
 
 
 def run() -> None:

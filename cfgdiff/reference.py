@@ -11,7 +11,12 @@ workdir, so nobody has to train before seeing guided samples.
   python -m cfgdiff.reference --workdir=workdir/reference --name=fashion_mnist \
       --command="make reference"
 
-exports the latest checkpoint of a workdir (what `make reference` ends with).
+exports the latest checkpoint of a workdir (what `make reference` ends with), and
+
+  python -m cfgdiff.reference --name=fashion_mnist --unpack_to=workdir/shipped
+
+writes the shipped model back as a run (config.json and a checkpoint), which
+--mode=sweep evaluates and guidance methods read like any trained workdir.
 """
 
 from __future__ import annotations
@@ -87,10 +92,8 @@ def load(name: str, root: pathlib.Path | None = None) -> Reference:
 def abstract_params(config: ml_collections.ConfigDict) -> Any:
   """Shapes and dtypes of the network's parameters, computing nothing."""
   model = build.make_model(config)
-  size, channels = config.data.image_size, config.data.channels
-  return jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.zeros((1,)),
-      jnp.zeros((1,), jnp.int32))["params"])
+  return jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), *build.model_inputs(config))["params"])
 
 
 def heldout_loss(config: ml_collections.ConfigDict, params: Any, images: np.ndarray,
@@ -145,12 +148,48 @@ def export(workdir: str, name: str, command: str, root: pathlib.Path | None = No
   return manifest
 
 
+def unpack(name: str, workdir: str, root: pathlib.Path | None = None) -> str:
+  """Writes the shipped model ``name`` to WORKDIR as a run: config.json, and a checkpoint
+  at its step whose EMA parameters (what sampling, --mode=sweep and autoguidance read)
+  are the shipped ones. The shipped files hold nothing else, so the checkpoint's raw
+  parameters are the EMA ones too and its optimizer state is fresh: evaluate it, do not
+  resume its training from it. Returns WORKDIR."""
+  from cfgdiff import resume  # pylint: disable=g-import-not-at-top
+  shipped = load(name, root)
+  path = files.path(workdir)
+  if (path / "checkpoints").exists():
+    raise configs.ConfigError(f"{workdir} already holds checkpoints: unpack the shipped "
+                              "model into a new workdir.")
+  config = shipped.config
+  model, optimizer = build.make_model(config), build.make_optimizer(config.train)
+  state = build.create_state(config, model, optimizer, build.make_mesh())
+  params = jax.tree.map(lambda fresh, value: jax.device_put(
+      jnp.asarray(value, fresh.dtype), fresh.sharding), state.params, shipped.params)
+  state = state.replace(step=jnp.asarray(shipped.step, jnp.int32), params=params,
+                        ema_params=params)
+  writer = checkpoint.Checkpointer(workdir, keep=1)
+  try:
+    writer.save(shipped.step, state, {})
+    writer.wait()
+  finally:
+    writer.close()
+  resume.check_config(config, workdir, shipped.step)  # writes config.json
+  return workdir
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="a trained run (checkpoints/)")
+  parser.add_argument("--workdir", help="export: a trained run (checkpoints/)")
   parser.add_argument("--name", default="fashion_mnist")
-  parser.add_argument("--command", required=True, help="the command that trained it")
+  parser.add_argument("--command", help="export: the command that trained it")
+  parser.add_argument("--unpack_to", help="write the shipped model NAME to this workdir "
+                      "as a run, instead of exporting")
   args = parser.parse_args()
+  if args.unpack_to:
+    print(unpack(args.name, args.unpack_to))
+    return
+  if not (args.workdir and args.command):
+    parser.error("export needs --workdir and --command (or pass --unpack_to)")
   manifest = export(args.workdir, args.name, args.command)
   print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2))
 

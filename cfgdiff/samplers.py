@@ -2,7 +2,8 @@
 
 `METHODS` is the one registry of samplers: a name maps to a step function and the number
 of guided predictions it makes per step, and the configs accept exactly its names. All
-share one grid and one guided prediction. The network is evaluated at
+share one grid and one guided prediction, made by a `guidance.Guide` (classifier-free,
+classifier or autoguidance). The network is evaluated at
 l_1 < ... < l_T (log-SNRs of u evenly spaced from 1 down to 1/T, so l_1 = l_min) and the
 last step returns x~. The loop is a `lax.scan` inside one jit; the guidance weight,
 labels, noise keys and every option are traced, so a whole w sweep compiles once.
@@ -76,8 +77,8 @@ def dpmpp_2m_step(s: StepState, noise: Callable[[], Array], v: Array) -> Array:
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A sampler: its step function (state, noise thunk, v) -> z_{t+1}, and how many guided
-  predictions it makes per step (each costs two network evaluations where guidance is
-  on, one where it is off). `sample` makes one per step, before the step function; the
+  predictions it makes per step (each costs the guide's evaluations where guidance is on,
+  one where it is off). `sample` makes one per step, before the step function; the
   tests check every registered method's declared count against what `sample` counts."""
 
   step: Callable[[StepState, Callable[[], Array], Array], Array]
@@ -96,9 +97,10 @@ def names() -> tuple[str, ...]:
   return tuple(METHODS)
 
 
-def network_evaluations(name: str, num_steps: int, guided: bool = True) -> int:
-  """Network evaluations per sample of a whole run (guidance on at every step if guided)."""
-  return METHODS[name].predictions_per_step * num_steps * (2 if guided else 1)
+def network_evaluations(name: str, num_steps: int, per_prediction: int = 2) -> int:
+  """Network forward passes per sample of a whole run, guided at every step by a guide
+  of ``per_prediction`` evaluations (`guidance.Guide.evaluations`; 1: unguided)."""
+  return METHODS[name].predictions_per_step * num_steps * per_prediction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +126,7 @@ class GuidanceOptions:
 
   v: ancestral variance interpolation (paper: 0.3 at 64x64, 0.2 at 128x128).
   interval: [lo, hi] log-SNR range where guidance is applied (Kynkaanniemi et al. 2024);
-    outside it only the conditional network is evaluated.
+    outside it only the guide's unguided prediction is made (the conditional network).
   rescale: CFG rescale factor phi in [0, 1] (Lin et al. 2023); 0 is off.
   threshold: dynamic-thresholding percentile (Saharia et al. 2022); 0 is off.
   clip_x: clip x~ to the data range [-1, 1] at every step, as the authors' code
@@ -154,18 +156,20 @@ def logsnr_grid(num_steps: int, logsnr_min: float = schedule.LOGSNR_MIN,
   return schedule.logsnr_from_u(u, logsnr_min, logsnr_max)
 
 
-def sample(eps_fn: Callable[[Array, Array, Array], Array], keys: Array, labels: Array,
-           w: Array, image_shape: tuple[int, ...], null_label: int, spec: SamplerSpec,
+def sample(guide: guidance.Guide, keys: Array, labels: Array, w: Array,
+           image_shape: tuple[int, ...], spec: SamplerSpec,
            options: GuidanceOptions) -> tuple[Array, Array]:
   """Draws one batch of guided samples.
 
   Args:
-    eps_fn: (z [B,H,W,C], logsnr [B], label [B]) -> eps [B,H,W,C].
-    keys: [B, 2] uint32 per-example PRNG keys. labels: [B] int in [0, null_label).
-    w: [B] guidance weights. image_shape: (H, W, C). null_label: the null token index.
+    guide: how a guided prediction is made (`guidance.classifier_free(eps_fn, null)` is
+      the paper's; `guidance.classifier`, `guidance.autoguidance` beside it).
+    keys: [B, 2] uint32 per-example PRNG keys. labels: [B] int class labels.
+    w: [B] guidance weights (the classifier scale for classifier guidance).
+    image_shape: (H, W, C).
   Returns:
     x [B,H,W,C] float32 (the final x~, in data units) and the number of network
-    evaluations per example (int32 scalar).
+    forward passes per example (int32 scalar).
   """
   batch = labels.shape[0]
   grid = logsnr_grid(spec.num_steps, spec.logsnr_min, spec.logsnr_max)
@@ -177,15 +181,14 @@ def sample(eps_fn: Callable[[Array, Array, Array], Array], keys: Array, labels: 
     l = jnp.full((batch,), logsnr)
 
     def guided(_):
-      eps_c, eps_u = guidance.cond_and_uncond(eps_fn, z, l, labels, null_label, spec.fused)
-      eps = guidance.rescale(guidance.combine(eps_c, eps_u, w), eps_c, options.rescale)
-      return eps, jnp.int32(2)
+      eps, eps_ref = guide.guided(z, l, labels, w)
+      return guidance.rescale(eps, eps_ref, options.rescale), jnp.int32(guide.evaluations)
 
-    def conditional_only(_):
-      return eps_fn(z, l, labels), jnp.int32(1)
+    def unguided(_):
+      return guide.unguided(z, l, labels), jnp.int32(1)
 
     lo, hi = options.interval[0], options.interval[1]
-    eps, cost = jax.lax.cond((logsnr >= lo) & (logsnr <= hi), guided, conditional_only, None)
+    eps, cost = jax.lax.cond((logsnr >= lo) & (logsnr <= hi), guided, unguided, None)
     x = schedule.predict_x_from_eps(z, eps, l)
     x = jnp.where(options.clip_x, jnp.clip(x, -1.0, 1.0), x)
     x = guidance.dynamic_threshold(x, options.threshold)

@@ -40,6 +40,7 @@ from cfgdiff import (
   workdir_lock,
 )
 from cfgdiff.models import UNet
+from cfgdiff.models import classifier as classifier_net
 
 Array = jnp.ndarray
 PyTree = Any
@@ -93,10 +94,19 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   if scan_microbatches is None:
     scan_microbatches = any(d.platform != "cpu" for d in mesh.devices.flat)
 
+  # The noisy classifier (--mode=train_classifier) learns p(c | z_l) by cross-entropy on
+  # the same z_l as the denoiser, every label kept.
+  classifier = config.model.kind == "noisy_classifier"
+
   def loss_and_grad(params, noised, dropout_rng):
     def loss_fn(p):
+      rngs = {"dropout": dropout_rng}
+      if classifier:
+        logits = model.apply({"params": p}, noised["z"], noised["logsnr"], train=True,
+                             rngs=rngs)
+        return classifier_net.cross_entropy(logits, noised["label"])
       eps_pred = model.apply({"params": p}, noised["z"], noised["logsnr"], noised["label"],
-                             train=True, rngs={"dropout": dropout_rng})
+                             train=True, rngs=rngs)
       return diffusion.eps_loss(eps_pred, noised["eps"])
     return jax.value_and_grad(loss_fn)(params)
 
@@ -138,7 +148,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: UNet,
   def train_step(state: build.TrainState, batch: dict[str, Array]):
     rng_noise, rng_dropout = jax.random.split(jax.random.fold_in(state.rng, state.step))
     noised = diffusion.noise_batch(
-        rng_noise, batch["image"], batch["label"], p_uncond=dc.p_uncond,
+        rng_noise, batch["image"], batch["label"], p_uncond=0.0 if classifier else dc.p_uncond,
         num_classes=config.data.num_classes, logsnr_min=dc.logsnr_min, logsnr_max=dc.logsnr_max)
     grad_fn = flat_reduced_loss_and_grad if flat_allreduce else accumulated_loss_and_grad
     loss, grads = grad_fn(state.params, noised, rng_dropout)
@@ -186,7 +196,8 @@ def make_source(config: ml_collections.ConfigDict) -> data.Source:
 def make_batcher(config: ml_collections.ConfigDict) -> data.Batcher:
   return data.Batcher(make_source(config), config.train.batch_size, config.seed,
                       jax.process_index(), jax.process_count(),
-                      random_flip=config.data.random_flip)
+                      random_flip=config.data.random_flip,
+                      random_crop=config.data.random_crop)
 
 
 def make_pipeline(config: ml_collections.ConfigDict, start_step: int) -> data.Pipeline:

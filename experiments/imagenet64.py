@@ -60,4 +60,22 @@ def get_config():
   # pytorch-fid's FID Inception with its 1008-way classifier, so the table has FID and IS
   # (ADM's protocol: IS without the output bias); downloaded once, SHA-256 checked.
   config.sweep.inception_weights = "download"
+  # The noisy classifier for classifier guidance (--mode=train_classifier): ADM's released
+  # 64x64 classifier (openai/guided-diffusion README, "Classifier training" and the
+  # 64x64 classifier's CLASSIFIER_FLAGS; script_util.create_classifier).
+  config.classifier.ch = 128  # --classifier_width 128
+  config.classifier.ch_mult = (1, 2, 3, 4)  # create_classifier's channel_mult at 64x64
+  config.classifier.num_res_blocks = 4  # --classifier_depth 4
+  config.classifier.attn_resolutions = (32, 16, 8)  # --classifier_attention_resolutions
+  config.classifier.head_channels = 64  # create_classifier: num_head_channels=64
+  config.classifier.dropout = 0.0  # create_classifier: no dropout
+  config.classifier.batch_size = 256  # TRAIN_FLAGS --batch_size 256
+  config.classifier.learning_rate = 3e-4  # --lr 3e-4 (AdamW)
+  config.classifier.weight_decay = 0.05  # --weight_decay 0.05
+  config.classifier.anneal_lr = True  # --anneal_lr True: linear to 0 at the last iteration
+  config.classifier.num_steps = 300_000  # --iterations 300000
+  config.classifier.warmup_steps = 0  # classifier_train.py: none
+  config.classifier.random_crop = True  # load_data(..., random_crop=True)
+  config.classifier.random_flip = True  # image_datasets.py: random_flip=True by default
+  config.classifier.eval_examples = 10_000  # held-out accuracy by log-SNR when done
   return config

@@ -61,3 +61,21 @@ def test_parameters_of_another_network_are_refused(tmp_path):
   manifest_path.write_text(json.dumps(manifest))
   with pytest.raises(checkpoint.CheckpointError, match="does not match the network"):
     reference.load(NAME, root=tmp_path)
+
+
+def test_unpacked_reference_is_a_run_with_the_shipped_ema_parameters(shipped, tmp_path):
+  """What --mode=sweep and autoguidance read from a workdir: config.json and a checkpoint
+  whose EMA parameters are the shipped ones, bit for bit."""
+  import numpy as np
+
+  from cfgdiff import configs, sampling
+  workdir = reference.unpack("fashion_mnist", str(tmp_path / "shipped"))
+  assert checkpoint.saved_steps(workdir) == [shipped.step]
+  config = configs.from_json(str(tmp_path / "shipped" / "config.json"))
+  assert config.model.to_dict() == shipped.config.model.to_dict()
+  params, step = sampling.load_ema_params(config, workdir, build.make_mesh())
+  assert step == shipped.step
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params,
+               shipped.params)
+  with pytest.raises(configs.ConfigError, match="already holds checkpoints"):
+    reference.unpack("fashion_mnist", workdir)

@@ -44,7 +44,8 @@ def mixture_eps(z, l, label, xp=jnp):
 def run(eps_fn, name, steps, labels, w, shape, null, options=None, fused=False, seed=0):
   spec = samplers.SamplerSpec(name, steps, fused=fused)
   keys = samplers.example_keys(seed, jnp.arange(labels.shape[0]))
-  fn = jax.jit(lambda k, y, w, o: samplers.sample(eps_fn, k, y, w, shape, null, spec, o))
+  guide = guidance.classifier_free(eps_fn, null, fused)
+  fn = jax.jit(lambda k, y, w, o: samplers.sample(guide, k, y, w, shape, spec, o))
   x, nfe = fn(keys, labels, w, options or samplers.GuidanceOptions.create(v=0.0, clip_x=False))
   return np.asarray(x).reshape(labels.shape[0], -1), int(nfe)
 
@@ -172,7 +173,7 @@ def test_guidance_interval_skips_unconditional_evaluations(tiny_unet):
   assert nfe == steps + inside
   x_off, nfe_off = run(eps_fn, "ddim", steps, labels, w, (8, 8, 1), nc, opts((50.0, 60.0)))
   x_w0, _ = run(eps_fn, "ddim", steps, labels, jnp.zeros(4), (8, 8, 1), nc, opts((50.0, 60.0)))
-  assert nfe_off == samplers.network_evaluations("ddim", steps, guided=False) == steps
+  assert nfe_off == samplers.network_evaluations("ddim", steps, per_prediction=1) == steps
   np.testing.assert_allclose(x_off, x_w0, atol=1e-5)  # no guidance anywhere equals w = 0
   _, nfe_all = run(eps_fn, "ddim", steps, labels, w, (8, 8, 1), nc)
   assert nfe_all == 2 * steps
@@ -202,7 +203,8 @@ def test_sweep_compiles_once(tiny_unet):
   @jax.jit
   def fn(keys, labels, w, options):
     traces.append(1)
-    return samplers.sample(eps_fn, keys, labels, w, (8, 8, 1), nc, spec, options)
+    return samplers.sample(guidance.classifier_free(eps_fn, nc), keys, labels, w, (8, 8, 1),
+                           spec, options)
 
   for seed, w, v in ((0, 0.0, 0.3), (1, 1.0, 0.2), (2, 4.0, 0.0)):
     keys = samplers.example_keys(seed, jnp.arange(4))

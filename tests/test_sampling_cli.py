@@ -190,10 +190,10 @@ def test_loading_another_step_reuses_the_compiled_sampler(trained_workdir, synth
   before = sampler.sample(labels, 1.0, **kwargs)
   spec = samplers.SamplerSpec("ddim", 2, config.sample.fused, config.diffusion.logsnr_min,
                               config.diffusion.logsnr_max)
-  compiled = sampler._sample_fn(spec)
+  compiled = sampler._sample_fn(spec, "cfg")
   sampler.load(newest)
   after = sampler.sample(labels, 1.0, **kwargs)
-  assert sampler.step == newest and sampler._sample_fn(spec) is compiled
+  assert sampler.step == newest and sampler._sample_fn(spec, "cfg") is compiled
   assert compiled._cache_size() == 1, "loading a step must not trace the sampler again"
   fresh = sampling.CheckpointSampler(config, trained_workdir, newest)
   np.testing.assert_array_equal(after, fresh.sample(labels, 1.0, **kwargs))

@@ -162,26 +162,32 @@ def test_every_sample_setting_is_part_of_a_cell_and_tables_never_mix_settings():
                **scores) for w in (0.0, 1.0)]
   # Round trip through the CSV, as a resumed sweep reads it.
   done = {store.cell_key(r) for r in rows}
-  assert orchestrate.missing_weights(run, 7, done, config) == []
-  assert orchestrate.missing_weights(run, 8, done, config) == [0.0, 1.0]
+  missing_weights = lambda step, done, config: [w for _, w, _ in orchestrate.missing_cells(
+      run, step, done, config)]
+  assert missing_weights(7, done, config) == []
+  assert missing_weights(8, done, config) == [0.0, 1.0]
+  # Rows written before the method column existed were classifier-free guidance's.
+  assert missing_weights(7, {store.cell_key({k: v for k, v in r.items() if k != "method"})
+                             for r in rows}, config) == []
   for key, value in (("v", 0.5), ("rescale", 0.7), ("threshold", 0.99), ("clip_x", False),
                      ("guidance_interval", (-5.0, 5.0))):
     changed = config.copy_and_resolve_references()
     changed.sample[key] = value
-    assert orchestrate.missing_weights(run, 7, done, changed) == [0.0, 1.0], key
+    assert missing_weights(7, done, changed) == [0.0, 1.0], key
   for key, value in (("seed", 1), ("sweep.bootstrap", 50), ("sweep.score_splits", 2)):
     changed = config.copy_and_resolve_references()
     changed.update_from_flattened_dict({key: value})
-    assert orchestrate.missing_weights(run, 7, done, changed) == [0.0, 1.0], key
+    assert missing_weights(7, done, changed) == [0.0, 1.0], key
   # A row scored by an older version of the metrics is never reused.
   old = {store.cell_key(dict(r, metrics="")) for r in rows}
-  assert orchestrate.missing_weights(run, 7, old, config) == [0.0, 1.0]
+  assert missing_weights(7, old, config) == [0.0, 1.0]
   changed = config.copy_and_resolve_references()
   changed.sample.v = 0.5
   rows += [dict(r, **store.settings(changed)) for r in rows]
   table = report.results_markdown(rows, {k: 1.0 for k in ("fid", "is_mean", "precision",
                                                           "recall", "accuracy")})
-  assert table.count("### Setting:") == 2 and "v=0.5" in table and "v=0.3" in table
+  assert table.count("### Classifier-free guidance:") == 2
+  assert "v=0.5" in table and "v=0.3" in table
   assert table.count("| 1 | 5.00 ± 0.30 |") == 2, table  # one w=1 row per setting's FID table
 
 
@@ -258,3 +264,66 @@ def test_paired_change_without_comparable_replicates_is_no_row():
   assert report.paired_changes(a, b, comparable)[0].startswith("+2.00 ± 0.00 *")
   other_counts = {store.cell_key(a): {"fid": draws}, store.cell_key(b): {"fid": draws[:100]}}
   assert report.paired_changes(a, b, other_counts) is None
+
+
+def test_crossing_interpolates_between_adjacent_weights():
+  from cfgdiff.sweep import compare
+  weights, accuracy, fid = [0.0, 2.0, 4.0], [0.5, 0.6, 1.0], [10.0, 9.0, 20.0]
+  assert compare.crossing(weights, accuracy, fid, 0.7) == pytest.approx((2.5, 11.75))
+  assert compare.crossing(weights, accuracy, fid, 0.5) == (0.0, 10.0)
+  assert compare.crossing(weights, accuracy, fid, 0.4) is None
+  # Not monotone: the first crossing in weight order.
+  assert compare.crossing([0.0, 1.0, 2.0], [0.2, 0.8, 0.4], [1.0, 2.0, 3.0], 0.5) == \
+      pytest.approx((0.5, 1.5))
+
+
+def test_methods_are_compared_at_matched_accuracy_with_paired_errors():
+  """Classifier-free guidance at w = 0, 1, 2 (accuracy 0.5, 0.7, 0.9) against classifier
+  guidance at s = 0, 2, 4 (accuracy 0.5, 0.6, 1.0): at accuracy 0.7 the classifier curve
+  is a quarter of the way from s = 2 to s = 4. The paired error is checked against the
+  same interpolation done independently (np.interp) on each bootstrap replicate."""
+  from tests import tiny_config
+  config = tiny_config.get_config()
+  rng = np.random.default_rng(3)
+  shared = rng.normal(size=(2, 200))  # moves every cell alike: the same seeds and labels
+  curves = {"cfg": [(0.0, 0.5, 10.0), (1.0, 0.7, 8.0), (2.0, 0.9, 12.0)],
+            "classifier": [(0.0, 0.5, 10.0), (2.0, 0.6, 9.0), (4.0, 1.0, 20.0)]}
+  rows, replicates = [], {}
+  for method, cells in curves.items():
+    guide_by = "cls step 30, conditional denoiser" if method == "classifier" else ""
+    for w, accuracy, fid in cells:
+      rows.append(dict(run="r", step="9", p_uncond="0.1", w=str(w),
+                       **store.settings(config, method, guide_by.split(",")[0]), fid=str(fid),
+                       fid_se="1.0", is_mean="2.0", precision="0.5", recall="0.5",
+                       accuracy=str(accuracy), nfe_per_sample="8",
+                       backward_per_sample="4" if method == "classifier" else "0",
+                       seconds_per_sample="0.5"))
+      noise = 0.01 * rng.normal(size=(2, 200))
+      replicates[store.cell_key(rows[-1])] = {"fid": fid + shared[0] + 5 * noise[0],
+                                              "accuracy": accuracy + 0.01 * shared[1]
+                                              + noise[1]}
+  table = report.results_markdown(rows, {}, replicates)
+  assert "### Classifier-free guidance:" in table
+  assert "### Classifier guidance by cls step 30, conditional denoiser:" in table
+  assert "| s | p_uncond=0.1 |" in table  # the classifier's weight is its scale s
+  assert "| Classifier-free guidance | 8.00 ± 1.00 | w=1 | 0.700 |" in table
+  assert "| Classifier guidance | 9.00 ± 1.00 | s=2 | 0.600 | 2.00 | 8 | 4 | 0.5 |" in table
+
+  def reference_replicates(w):
+    return replicates[store.cell_key(next(r for r in rows if r["method"] == "cfg"
+                                          and float(r["w"]) == w))]
+  theirs = [replicates[store.cell_key(r)] for r in rows if r["method"] == "classifier"]
+  for w, expected_s, expected_fid in ((1.0, 2.5, 11.75), (2.0, 3.5, 17.25)):
+    own = reference_replicates(w)
+    differences = [np.interp(own["accuracy"][b], [t["accuracy"][b] for t in theirs],
+                             [t["fid"][b] for t in theirs]) - own["fid"][b] for b in range(200)]
+    error = np.std(differences, ddof=1)
+    _, accuracy, fid = curves["cfg"][int(w)]
+    change = expected_fid - fid
+    line = next(x for x in table.splitlines()
+                if x.startswith(f"| {w:g} | {accuracy:.3f} | {fid:.2f} |"))
+    expected = f"| {expected_s:.3g} | {expected_fid:.2f} | {change:+.2f} ± {error:.2f} *"
+    assert expected in line, (line, error)
+    assert 0.01 < error < 0.5  # paired: far below the FIDs' own errors of 1.0
+  # At w = 0 both curves start at the conditional model's accuracy.
+  assert "| 0 | 0.500 | 10.00 | 0 | 10.00 | +0.00" in table

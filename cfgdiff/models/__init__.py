@@ -1,5 +1,6 @@
 """Network definitions."""
 
+from cfgdiff.models.classifier import NoisyClassifier
 from cfgdiff.models.unet import UNet
 
-__all__ = ["UNet"]
+__all__ = ["NoisyClassifier", "UNet"]

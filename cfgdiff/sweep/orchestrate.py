@@ -106,9 +106,7 @@ def restore_newest(run: Run, config: ml_collections.ConfigDict,
     step, error = steps[-1], None
     try:
       if sampler is None:
-        run_config = run.config.copy_and_resolve_references()
-        run_config.sample = config.sample
-        sampler = sampling.CheckpointSampler(run_config, run.path, step)
+        sampler = sampling.CheckpointSampler(run_config(run, config), run.path, step)
       else:
         sampler.load(step)
     except checkpoint.CheckpointError as e:
@@ -128,23 +126,48 @@ def restore_newest(run: Run, config: ml_collections.ConfigDict,
 
 
 
-def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
-                   config: ml_collections.ConfigDict, evaluator: evaluator_lib.Evaluator,
-                   out_dir: str, progress: Progress,
+def run_config(run: Run, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The run's own config, sampled with this sweep's config.sample options."""
+  resolved = run.config.copy_and_resolve_references()
+  resolved.sample = config.sample
+  return resolved
+
+
+
+def method_settings(run: Run, step: int | None,
+                    config: ml_collections.ConfigDict) -> dict[str, dict[str, str]]:
+  """Each of sweep.methods' settings (`store.settings`) at checkpoint ``step`` of ``run``,
+  the network guiding it checked and named. Autoguidance by an earlier checkpoint of the
+  run itself is left out at steps not after sample.weak_step."""
+  sc, found = config.sample, {}
+  for method in config.sweep.methods:
+    if method == "auto" and not sc.weak_workdir and step is not None and step <= sc.weak_step:
+      continue
+    helper = sampling.resolve_guide_helper(run_config(run, config), run.path, method, step)
+    found[method] = store.settings(config, method, helper.describe() if helper else "")
+  return found
+
+
+
+def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, method: str, w: float,
+                   config: ml_collections.ConfigDict, settings: dict[str, str],
+                   evaluator: evaluator_lib.Evaluator, out_dir: str, progress: Progress,
                    stop: preemption.StopAgreement | None = None) -> dict:
-  """Samples sweep.num_samples images at ``w`` and scores them. Each process scores the
-  images its own devices drew; the evaluator reduces the statistics across processes."""
+  """Samples sweep.num_samples images guided by ``method`` at weight ``w`` and scores
+  them. Each process scores the images its own devices drew; the evaluator reduces the
+  statistics across processes. ``settings``: the cell's `store.settings`."""
   sw, run_config = config.sweep, sampler.config
   labels = sweep_labels(sw.num_samples, run_config.data.num_classes)
   accumulator = evaluator.accumulator()
   chunk = max(sampler.batch_size, (1000 // sampler.batch_size) * sampler.batch_size)
   grid_size = GRID_PER_CLASS * min(run_config.data.num_classes, GRID_CLASSES)
-  grid = None
+  grid, sampling_seconds = None, 0.0
   for start in range(0, len(labels), chunk):
     part = labels[start:start + chunk]
     # Image i's noise is keyed by (seed, i) whatever the chunk: same seeds at every w.
     kwargs = dict(seed=config.seed, sampler=sw.sampler, num_steps=sw.num_steps,
-                  first_index=start)
+                  first_index=start, guidance_method=method)
+    began = time.perf_counter()
     if grid is None:  # the first chunk whole on every process, for the picture
       images = sampler.sample(part, w, **kwargs)
       grid = images[:grid_size]
@@ -152,6 +175,7 @@ def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
       images, positions = images[lo:hi], np.arange(lo, hi)
     else:
       images, positions = sampler.sample_local(part, w, **kwargs)
+    sampling_seconds += time.perf_counter() - began
     # Sample indices (= noise indices) let the evaluator refuse a sample counted twice.
     accumulator.update(images, part[positions], indices=start + positions)
     progress.advance(len(part))
@@ -161,15 +185,24 @@ def _evaluate_cell(run: Run, sampler: sampling.CheckpointSampler, w: float,
   scores = accumulator.result()
   names = (list(sources.FASHION_MNIST_CLASSES) if run_config.data.name == "fashion_mnist"
            else None)
+  cost = sampler.guide_cost(method, sw.sampler, sw.num_steps)
   row = dict(run=run.name, step=sampler.step, p_uncond=run_config.diffusion.p_uncond, w=w,
-             **store.settings(config), **scores.values)
+             **settings, **scores.values, nfe_per_sample=cost[0], backward_per_sample=cost[1],
+             seconds_per_sample=f"{sampling_seconds / len(labels):.4g}")
   if jax.process_index() == 0:
     png, _ = sampling.write_samples(out_dir, w, grid, labels[:len(grid)], names,
-                                    stem=f"{run.name}_w{w}")
+                                    stem=grid_stem(run.name, method, w))
     logging.info("Wrote %s", png)
     if scores.replicates:
       store.write_replicates(store.replicates_path(out_dir, row), scores.replicates)
   return row
+
+
+
+def grid_stem(run_name: str, method: str, w: float) -> str:
+  """WORKDIR/sweep/{stem}.png: {run}_w{w} for classifier-free guidance, else
+  {run}_{method}_w{w}."""
+  return f"{run_name}_w{float(w)}" if method == "cfg" else f"{run_name}_{method}_w{float(w)}"
 
 
 
@@ -193,14 +226,18 @@ def _floor(config: ml_collections.ConfigDict, runs: list[Run], out_dir,
 
 
 
-def missing_weights(run: Run, step: int | None, done: set,
-                     config: ml_collections.ConfigDict) -> list[float]:
-  """The weights of config.sweep.guidance_weights not yet in results.csv at ``step``."""
+def missing_cells(run: Run, step: int | None, done: set, config: ml_collections.ConfigDict
+                  ) -> list[tuple[str, float, dict[str, str]]]:
+  """(method, w, settings) of each cell of sweep.methods x its weight grid not yet in
+  results.csv at ``step``."""
   if step is None:
     return []
-  key = tuple(store.canonical(v) for v in store.settings(config).values())
-  return [float(w) for w in config.sweep.guidance_weights
-          if (run.name, step, float(w)) + key not in done]
+  cells = []
+  for method, settings in method_settings(run, step, config).items():
+    key = tuple(store.canonical(v) for v in settings.values())
+    cells += [(method, w, settings) for w in configs.method_weights(config.sweep, method)
+              if (run.name, step, w) + key not in done]
+  return cells
 
 
 
@@ -265,6 +302,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   stop = preemption.StopAgreement()
   liveness = _Liveness(sw.dead_run_seconds)
   stopped: dict[str, str] = {}  # unfinished runs whose training has stopped
+  if not sw.poll_seconds:  # every guiding network checked before anything compiles
+    for r in find_runs(workdir):
+      method_settings(r, None, config)
   while True:
     runs = find_runs(workdir)
     if not runs and not sw.poll_seconds:
@@ -284,7 +324,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
         continue
       # Steps are listed now and restored at once: training deletes old ones meanwhile.
       newest = latest_step(r)
-      if not missing_weights(r, newest, done, config):
+      if not missing_cells(r, newest, done, config):
         complete = newest == r.config.train.num_steps
         if not complete and sw.poll_seconds and liveness.dead(r, newest):
           stopped[r.name] = (f"its training stopped at step {newest} of "
@@ -293,15 +333,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
         finished &= complete
         continue
       sampler = samplers[r.name] = restore_newest(r, config, samplers.get(r.name))
-      todo = missing_weights(r, sampler.step, done, config)
+      todo = missing_cells(r, sampler.step, done, config)
       finished &= sampler.step == r.config.train.num_steps
       evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
       progress = Progress("Sweep", len(todo) * sw.num_samples)
       logging.info("Sweep: %s step %d: %d cells to evaluate (%d already done), %d samples "
                    "each.", r.name, sampler.step, len(todo), len(rows), sw.num_samples)
-      for w in todo:
-        row = _evaluate_cell(r, sampler, w, config, evaluator, out_dir, progress, stop)
-        logging.info("%s step %d w=%g: %s", r.name, sampler.step, w,
+      for method, w, settings in todo:
+        row = _evaluate_cell(r, sampler, method, w, config, settings, evaluator, out_dir,
+                             progress, stop)
+        logging.info("%s step %d %s w=%g: %s", r.name, sampler.step, method, w,
                      {k: round(row[k], 4) for k in evaluator_lib.METRICS})
         rows.append(store.as_written(row | {"fid_floor": evaluator.floor["fid"]}))
         done.add(store.cell_key(rows[-1]))
@@ -334,8 +375,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
         replicates[store.cell_key(row)] = found
     table = report.results_markdown(rows, floor, replicates)
     files.write_atomic(paths[0], table)
-    current = tuple(store.canonical(v) for v in store.settings(config).values())
-    report.plot_tradeoff([r for r in rows if store.setting_key(r) == current], paths[1])
+    report.plot_tradeoff(report.current_rows(rows, store.settings(config)), paths[1])
     print(table)
   unfinished = {name: why for name, why in stopped.items() if why != "diverged"}
   if unfinished:
@@ -344,5 +384,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
             f"{name}: {why} (no new checkpoint and no lock heartbeat for "
             f"{sw.dead_run_seconds:.0f} s)" for name, why in unfinished.items())
         + f". Its table so far is in {paths[0]}; restart that training, then the sweep.")
-  grids = [out_dir / f"{r.name}_w{float(w)}.png" for r in runs for w in sw.guidance_weights]
+  grids = [out_dir / f"{grid_stem(r.name, m, w)}.png" for r in runs for m in sw.methods
+           for w in configs.method_weights(sw, m)]
   return [results_csv] + paths + [str(g) for g in grids if g.exists()]

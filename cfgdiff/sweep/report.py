@@ -1,5 +1,6 @@
 """The sweep's report as pure functions of its rows: the paper's Table 1 layout with
-bootstrap errors, paired changes between weights and between runs, and the trade-off plot.
+bootstrap errors for each guidance method, paired changes between weights and between
+runs, the methods compared (`compare`), and the trade-off plot.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 
 from cfgdiff import files
 from cfgdiff.evaluation import metrics as metrics_lib
-from cfgdiff.sweep import store
+from cfgdiff.sweep import compare, store
 
 # A difference between two weights is called resolved when it exceeds this many paired
 # standard errors.
@@ -38,26 +39,34 @@ def _with_error(values: dict, key: str, digits: int) -> str:
 
 def results_markdown(rows: list[dict], floor: dict,
                      replicates: dict[tuple, dict[str, np.ndarray]] | None = None) -> str:
-  """One section per distinct setting (sampler, steps, v, ... feature net), each in the
-  paper's Table 1 layout; rows of different settings are never in one table.
-  ``replicates``: cell key -> bootstrap replicates, for the differences between weights."""
+  """One section per guidance method and distinct setting (sampler, steps, v, ... feature
+  net), each in the paper's Table 1 layout; rows of different settings are never in one
+  table. Then, where several methods share a model and settings, their comparison.
+  ``replicates``: cell key -> bootstrap replicates, for the paired differences."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     groups.setdefault(store.setting_key(row), []).append(row)
+  order = {method: i for i, method in enumerate(compare.METHOD_TITLES)}
   sections = []
-  for key, group in groups.items():
-    described = ", ".join(f"{k}={v}" for k, v in zip(store.SETTINGS, key, strict=True) if v)
-    sections.append((f"### Setting: {described}\n\n" if len(groups) > 1 else "")
-                    + _table_markdown(group, floor, replicates or {}))
-  return "\n".join(sections)
+  for key, group in sorted(groups.items(), key=lambda item: order.get(item[0][0], 99)):
+    method, guide_by = store.guidance_key(group[0])
+    title, weight = compare.METHOD_TITLES.get(method, (method, "w"))
+    described = ", ".join(f"{k}={v}" for k, v in zip(store.SETTINGS, key, strict=True)
+                          if v and k not in store.GUIDANCE_SETTINGS)
+    heading = f"### {title}" + (f" by {guide_by}" if guide_by else "") + f": {described}\n\n"
+    sections.append((heading if len(groups) > 1 else "")
+                    + _table_markdown(group, floor, replicates or {}, weight))
+  comparison = compare.comparison_markdown(rows, replicates or {})
+  return "\n".join(sections + ([comparison] if comparison else []))
 
 
 
 def _table_markdown(rows: list[dict], floor: dict,
-                    replicates: dict[tuple, dict[str, np.ndarray]]) -> str:
-  """The paper's Table 1 layout: rows w, one column per p_uncond, for FID and for the
-  score (the latest step of each run), then precision, recall and class accuracy, each
-  value ± its bootstrap standard error; then the differences between adjacent weights."""
+                    replicates: dict[tuple, dict[str, np.ndarray]], weight: str = "w") -> str:
+  """The paper's Table 1 layout: rows the guidance weight (named ``weight``), one column
+  per p_uncond, for FID and for the score (the latest step of each run), then precision,
+  recall and class accuracy, each value ± its bootstrap standard error; then the
+  differences between adjacent weights."""
   rows, latest = store.latest_rows(rows)
   runs = sorted({(float(r["p_uncond"]), r["run"]) for r in rows})
   names = {run: f"p_uncond={p:g}" for p, run in runs}
@@ -68,7 +77,7 @@ def _table_markdown(rows: list[dict], floor: dict,
   first = rows[0] if rows else {}
   lines = [f"Sampler {first.get('sampler')}, {first.get('steps')} steps, "
            f"{first.get('num_samples')} samples per cell (the same seeds and labels at every "
-           "w); checkpoint steps "
+           f"{weight}); checkpoint steps "
            + ", ".join(f"{names[run]}: {latest[run]}" for _, run in runs) + ". "
            + (f"± is one bootstrap standard error ({first.get('bootstrap')} replicates)."
               if store.number(first.get("bootstrap")) > 0 else "No standard errors (bootstrap 0)."),
@@ -77,7 +86,8 @@ def _table_markdown(rows: list[dict], floor: dict,
                               ("Inception-style score (higher is better)", ("is_mean",), 2),
                               ("Precision / recall (k-NN manifolds)", ("precision", "recall"), 3),
                               ("Accuracy on the requested class", ("accuracy",), 3)):
-    lines += [f"**{title}**", "", "| w | " + " | ".join(names[run] for _, run in runs) + " |",
+    lines += [f"**{title}**", "", f"| {weight} | " + " | ".join(names[run] for _, run in runs)
+              + " |",
               "|---|" + "---|" * len(runs)]
     for w in weights:
       values = [" / ".join(_with_error(cell[(run, w)], k, digits) for k in keys)
@@ -96,7 +106,7 @@ def _table_markdown(rows: list[dict], floor: dict,
                f"accuracy {_with_error(floor, 'accuracy', 3)}."
                + ("" if math.isnan(accuracy) else
                   f" The feature network's own test accuracy: {100 * accuracy:.2f}%."))
-  differences = _differences_markdown(runs, names, weights, cell, replicates)
+  differences = _differences_markdown(runs, names, weights, cell, replicates, weight)
   return "\n".join(lines + differences) + "\n"
 
 
@@ -123,7 +133,7 @@ def paired_changes(a: dict | None, b: dict | None,
 
 
 
-def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
+def _differences_markdown(runs, names, weights, cell, replicates, weight="w") -> list[str]:
   """The change of each metric ± its paired standard error, marked * where it exceeds
   RESOLVED_SE errors: between adjacent weights of each run, then (several runs) between
   runs of adjacent p_uncond at each weight, where both are at the same step."""
@@ -139,7 +149,7 @@ def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
   if by_weight:
     lines += ["", f"**Change between adjacent weights** (paired bootstrap over the same "
               f"seeds; * where the change exceeds {RESOLVED_SE:g} standard errors)", "",
-              f"| run | w | {columns} |", rule] + by_weight
+              f"| run | {weight} | {columns} |", rule] + by_weight
   by_run = []
   for w in weights:
     for (p0, run0), (p1, run1) in zip(runs[:-1], runs[1:], strict=True):
@@ -158,35 +168,50 @@ def _differences_markdown(runs, names, weights, cell, replicates) -> list[str]:
               f"the change exceeds {RESOLVED_SE:g} standard errors). The error is sampling "
               f"error only: with one training run per p_uncond, it leaves out how much "
               f"retraining with another seed would move a run.", "",
-              f"| w | runs | {columns} |", rule] + by_run
+              f"| {weight} | runs | {columns} |", rule] + by_run
   return lines
 
 
 
+def current_rows(rows: list[dict], settings: dict[str, str]) -> list[dict]:
+  """The rows of this sweep's settings (``settings``, `store.settings`), every guidance
+  method's."""
+  return [r for r in rows if store.shared_key(r) == store.shared_key(settings)]
+
+
+
 def plot_tradeoff(rows: list[dict], path: str) -> None:
-  """FID against the score, one curve per run (p_uncond), points labelled with w, with
-  one-standard-error bars on both."""
+  """FID against the score, one curve per run (p_uncond) and guidance method, points
+  labelled with their weight, with one-standard-error bars on both."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   figure, axes = plt.subplots(figsize=(6, 4.5))
   rows, _ = store.latest_rows(rows)
-  for p_uncond, run in sorted({(float(r["p_uncond"]), r["run"]) for r in rows}):
+  curves = sorted({(float(r["p_uncond"]), r["run"], *store.guidance_key(r)) for r in rows})
+  several_runs = len({c[1] for c in curves}) > 1
+  markers = dict(zip(compare.METHOD_TITLES, "o^s", strict=True))
+  for p_uncond, run, method, guide_by in curves:
     points = sorted((float(r["w"]), store.number(r["is_mean"]), store.number(r["fid"]),
                      store.number(r.get("is_mean_se")), store.number(r.get("fid_se")))
-                    for r in rows if r["run"] == run)
+                    for r in rows
+                    if r["run"] == run and store.guidance_key(r) == (method, guide_by))
+    title, weight = compare.METHOD_TITLES.get(method, (method, "w"))
+    label = title + (f", p_uncond={p_uncond:g}" if several_runs or method == "cfg" else "")
+    if sum(1 for c in curves if c[1] == run and c[2] == method) > 1:
+      label += f" ({guide_by})"
     axes.errorbar([p[1] for p in points], [p[2] for p in points],
                   xerr=[0 if math.isnan(p[3]) else p[3] for p in points],
-                  yerr=[0 if math.isnan(p[4]) else p[4] for p in points], fmt="o-",
-                  capsize=2, label=f"p_uncond={p_uncond:g}")
+                  yerr=[0 if math.isnan(p[4]) else p[4] for p in points],
+                  fmt=markers.get(method, "o") + "-", capsize=2, label=label)
     for w, score, value, _, _ in points:
-      axes.annotate(f"{w:g}", (score, value), textcoords="offset points", xytext=(4, 3),
-                    fontsize=7)
+      axes.annotate(f"{weight}={w:g}" if method == "classifier" else f"{w:g}",
+                    (score, value), textcoords="offset points", xytext=(4, 3), fontsize=7)
   axes.set_xlabel("Inception-style score (classifier)")
   axes.set_ylabel("FID (classifier features)")
-  axes.set_title("Guidance trade-off: FID vs score over w (± 1 s.e.)")
-  axes.legend()
+  axes.set_title("Guidance trade-off: FID vs score over the weight (± 1 s.e.)")
+  axes.legend(fontsize=8)
   figure.tight_layout()
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=120)

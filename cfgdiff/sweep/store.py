@@ -1,7 +1,8 @@
 """The sweep's results store: its rows, their keys and the files that hold them.
 
 WORKDIR/sweep/results.csv holds one row per evaluated cell (run, step, w and every setting
-that changes the samples or the scores, SETTINGS); a cell's key (`cell_key`) is what a
+that changes the samples or the scores, SETTINGS, the guidance method and the network
+guiding it among them); a cell's key (`cell_key`) is what a
 resumed sweep skips and what the report groups by. A cell's bootstrap replicates sit in
 WORKDIR/sweep/replicates/<hash of its key>.npz. Rows are text as written: `as_written`
 makes a row just scored compare equal to the same row read back.
@@ -21,13 +22,16 @@ from cfgdiff import files
 
 # Every setting that changes the samples or the scores is a column and part of a cell's
 # key: a row is never reused for, or tabulated beside, another setting.
-SETTINGS = ("sampler", "steps", "num_samples", "v", "interval_lo", "interval_hi", "rescale",
-            "threshold", "clip_x", "seed", "feature_net", "metrics", "score_splits",
-            "bootstrap")
+SETTINGS = ("method", "guide_by", "sampler", "steps", "num_samples", "v", "interval_lo",
+            "interval_hi", "rescale", "threshold", "clip_x", "seed", "feature_net", "metrics",
+            "score_splits", "bootstrap")
 
 COLUMNS = ("run", "step", "p_uncond", "w", *SETTINGS, "fid", "fid_se", "fid_floor", "is_mean",
            "is_mean_se", "precision", "precision_se", "recall", "recall_se", "accuracy",
-           "accuracy_se")
+           "accuracy_se", "nfe_per_sample", "backward_per_sample", "seconds_per_sample")
+
+# Rows written before a setting existed hold what it then was.
+ABSENT_SETTINGS = {"method": "cfg"}
 
 # Bump when a metric's definition changes, so rows scored the old way are never reused
 # or tabulated beside new ones. 2: the score over contiguous splits (whole set by
@@ -37,13 +41,19 @@ METRICS_VERSION = "2"
 
 
 
-def settings(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """The sweep's sample- and score-changing settings, as they are written to the CSV."""
+def settings(config: ml_collections.ConfigDict, method: str = "cfg",
+             guide_by: str = "") -> dict[str, str]:
+  """The sweep's sample- and score-changing settings, as they are written to the CSV.
+  ``method``: the guidance method; ``guide_by``: the network it reads beside the denoiser
+  (`sampling.GuideHelper.describe`, '' for 'cfg')."""
   sw, sc = config.sweep, config.sample
   feature_net = sw.feature_net
   if feature_net == "inception":
     feature_net += ":" + (sw.inception_weights.rstrip("/").split("/")[-1] or "default")
-  values = dict(sampler=sw.sampler, steps=sw.num_steps, num_samples=sw.num_samples, v=sc.v,
+  if method == "classifier":
+    guide_by += f", {sc.classifier_model} denoiser"
+  values = dict(method=method, guide_by=guide_by, sampler=sw.sampler, steps=sw.num_steps,
+                num_samples=sw.num_samples, v=sc.v,
                 interval_lo=sc.guidance_interval[0], interval_hi=sc.guidance_interval[1],
                 rescale=sc.rescale, threshold=sc.threshold, clip_x=bool(sc.clip_x),
                 seed=config.seed, feature_net=feature_net, metrics=METRICS_VERSION,
@@ -65,8 +75,26 @@ def canonical(value: str) -> str:
 def setting_key(row: dict) -> tuple:
   """A row's settings, read back from the CSV (strings) or just computed (any type);
   missing columns (rows of an older sweep) are ''."""
-  return tuple(canonical("" if row.get(k) is None else str(row[k])) for k in SETTINGS)
+  return tuple(canonical(str(ABSENT_SETTINGS.get(k, "")) if row.get(k) is None else str(row[k]))
+               for k in SETTINGS)
 
+
+
+# The settings that say how a cell was guided; the others are shared by the methods a
+# comparison puts side by side.
+GUIDANCE_SETTINGS = ("method", "guide_by")
+
+
+def shared_key(row: dict) -> tuple:
+  """A row's settings other than its guidance (GUIDANCE_SETTINGS)."""
+  return tuple(v for k, v in zip(SETTINGS, setting_key(row), strict=True)
+               if k not in GUIDANCE_SETTINGS)
+
+
+def guidance_key(row: dict) -> tuple[str, str]:
+  """(method, guide_by) of a row."""
+  key = dict(zip(SETTINGS, setting_key(row), strict=True))
+  return key["method"], key["guide_by"]
 
 
 def cell_key(row: dict) -> tuple:
