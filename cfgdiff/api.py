@@ -87,11 +87,12 @@ class Model:
     """
     labels = self.labels(classes)
     sc = self.config.sample
-    chosen = {"sampler": sampler, "num_steps": steps, "v": v, "guidance_interval": interval,
-              "rescale": rescale, "threshold": threshold, "clip_x": clip_x, "fused": fused,
-              "guidance": guidance, "classifier_workdir": classifier_workdir,
-              "classifier_model": classifier_model, "weak_workdir": weak_workdir,
-              "weak_step": weak_step}
+    traced = dict(v=v, interval=interval, rescale=rescale, threshold=threshold,
+                  clip_x=clip_x)  # keywords named for configs.TRACED_SAMPLE_OPTIONS' fields
+    chosen = {"sampler": sampler, "num_steps": steps, "fused": fused, "guidance": guidance,
+              "classifier_workdir": classifier_workdir, "classifier_model": classifier_model,
+              "weak_workdir": weak_workdir, "weak_step": weak_step,
+              **{o.key: traced[o.field] for o in configs.TRACED_SAMPLE_OPTIONS}}
     chosen = {k: value for k, value in chosen.items() if value is not None}
     saved = {k: sc[k] for k in chosen}
     devices = jax.device_count()

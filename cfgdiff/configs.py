@@ -6,10 +6,11 @@ a key that is not in `default_config()` is refused, so typos fail loudly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
@@ -24,6 +25,50 @@ CLASSIFIER_MODELS = ("conditional", "unconditional")
 METHOD_WEIGHT_KEYS = {"cfg": "guidance_weights", "classifier": "classifier_weights",
                       "auto": "auto_weights"}
 INCEPTION_WEIGHTS = ("download", "default_1")  # or the path of a pytorch-fid state dict
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedOption:
+  """A sampling option the compiled sampler takes as an argument (changing it compiles
+  nothing), declared once; the config default, its check, the sampler's options
+  (`samplers.GuidanceOptions`), `api.Model.sample`'s keyword and the sweep's results
+  columns (`sweep.store.SETTINGS`, which key its cells) all come from here."""
+
+  key: str  # config.sample.<key>
+  default: Any
+  valid: Callable[[Any], bool]
+  requirement: str  # what ``valid`` checks, for the error
+  field: str  # the samplers.GuidanceOptions field and the api keyword
+  columns: tuple[str, ...]  # results.csv columns, one per element of the value
+
+
+def _is_finite_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number_in(lo: float, hi: float, hi_open: bool = False) -> Callable[[Any], bool]:
+  return lambda x: _is_finite_number(x) and lo <= x and (x < hi if hi_open else x <= hi)
+
+
+TRACED_SAMPLE_OPTIONS = (
+    # Ancestral variance interpolation (paper: 0.3 at 64x64, 0.2 at 128x128).
+    TracedOption("v", 0.3, _number_in(0.0, 1.0), "must lie in [0, 1]", "v", ("v",)),
+    # The log-SNR range where guidance applies (Kynkaanniemi et al. 2024); outside it
+    # only the unguided (conditional) prediction is made.
+    TracedOption("guidance_interval", (-math.inf, math.inf),
+                 lambda i: len(i) == 2 and not any(math.isnan(x) for x in i) and i[0] <= i[1],
+                 "must be (lo, hi) with lo <= hi, in log-SNR", "interval",
+                 ("interval_lo", "interval_hi")),
+    # CFG rescale phi (Lin et al. 2023); 0 = off.
+    TracedOption("rescale", 0.0, _number_in(0.0, 1.0), "must lie in [0, 1]", "rescale",
+                 ("rescale",)),
+    # Dynamic-thresholding percentile (Saharia et al. 2022); 0 = off.
+    TracedOption("threshold", 0.0, _number_in(0.0, 1.0, hi_open=True),
+                 "must lie in [0, 1) (0 = off)", "threshold", ("threshold",)),
+    # Clip x~ to [-1, 1] each step, as the authors' code does.
+    TracedOption("clip_x", True, lambda x: isinstance(x, bool), "must be True or False",
+                 "clip_x", ("clip_x",)),
+)
 
 
 class ConfigError(ValueError):
@@ -106,15 +151,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.sample.num_per_class = 8
   config.sample.sampler = "ancestral"
   config.sample.num_steps = 256
-  config.sample.v = 0.3  # ancestral variance interpolation (paper: 0.3 at 64x64)
+  for option in TRACED_SAMPLE_OPTIONS:  # v, guidance_interval, rescale, threshold, clip_x
+    config.sample[option.key] = option.default
   config.sample.batch_size = 80  # compiled batch; smaller requests are padded to it
   # Both guidance passes as one 2B batch? On CPU two B batches measured 1.10x faster
   # (BENCHMARKS.md); on GPU/TPU, where a larger batch fills the chip better, try True.
   config.sample.fused = False
-  config.sample.guidance_interval = (-float("inf"), float("inf"))  # log-SNR range to guide
-  config.sample.rescale = 0.0  # CFG rescale phi (0 = off)
-  config.sample.threshold = 0.0  # dynamic-thresholding percentile (0 = off)
-  config.sample.clip_x = True  # clip x~ to [-1, 1] each step, as the authors' code does
   # Guidance method (cfgdiff/guidance.py): "cfg" (the paper's classifier-free guidance,
   # weight w), "classifier" (a noisy classifier's gradient, scale s = the weight) or
   # "auto" (autoguidance by a weaker denoiser, weight w).
@@ -359,10 +401,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
            f"data = -1 or data * fsdp = {num_devices}")
 
 
-def _is_finite_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def validate_sample(sample: ml_collections.ConfigDict) -> None:
   """Checks config.sample.* (also used on its own by --mode=sample)."""
   from cfgdiff import samplers  # here, not at the top: configs must not import jax
@@ -375,12 +413,9 @@ def validate_sample(sample: ml_collections.ConfigDict) -> None:
   _require(len(sample.guidance_weights) >= 1 and all(
       _is_finite_number(w) for w in sample.guidance_weights), "sample.guidance_weights",
            sample.guidance_weights, "must be a non-empty tuple of finite numbers")
-  _require(len(sample.guidance_interval) == 2 and sample.guidance_interval[0]
-           <= sample.guidance_interval[1], "sample.guidance_interval", sample.guidance_interval,
-           "must be (lo, hi) with lo <= hi, in log-SNR")
-  _require(0.0 <= sample.rescale <= 1.0, "sample.rescale", sample.rescale, "must lie in [0, 1]")
-  _require(0.0 <= sample.threshold < 1.0, "sample.threshold", sample.threshold,
-           "must lie in [0, 1) (0 = off)")
+  for option in TRACED_SAMPLE_OPTIONS:
+    value = sample[option.key]
+    _require(option.valid(value), f"sample.{option.key}", value, option.requirement)
   _require(sample.guidance in GUIDANCE_METHODS, "sample.guidance", sample.guidance,
            f"must be one of {GUIDANCE_METHODS} (classifier-free, classifier, autoguidance)")
   _require(sample.classifier_model in CLASSIFIER_MODELS, "sample.classifier_model",

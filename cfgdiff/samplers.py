@@ -21,8 +21,9 @@ from typing import NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from cfgdiff import guidance, schedule
+from cfgdiff import configs, guidance, schedule
 
 Array = jnp.ndarray
 
@@ -147,6 +148,12 @@ class GuidanceOptions:
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     return cls(v=f32(v), interval=f32(interval), rescale=f32(rescale), threshold=f32(threshold),
                clip_x=jnp.asarray(clip_x, bool))
+
+  @classmethod
+  def from_config(cls, sample: ml_collections.ConfigDict) -> GuidanceOptions:
+    """The options config.sample holds (`configs.TRACED_SAMPLE_OPTIONS`)."""
+    return cls.create(**{o.field: (tuple(sample[o.key]) if isinstance(sample[o.key], list)
+                                   else sample[o.key]) for o in configs.TRACED_SAMPLE_OPTIONS})
 
 
 def logsnr_grid(num_steps: int, logsnr_min: float = schedule.LOGSNR_MIN,

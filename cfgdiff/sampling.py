@@ -335,8 +335,7 @@ class CheckpointSampler:
     spec = samplers.SamplerSpec(sampler or sc.sampler, num_steps or sc.num_steps, sc.fused,
                                 self.config.diffusion.logsnr_min,
                                 self.config.diffusion.logsnr_max)
-    options = samplers.GuidanceOptions.create(sc.v, tuple(sc.guidance_interval), sc.rescale,
-                                              sc.threshold, sc.clip_x)
+    options = samplers.GuidanceOptions.from_config(sc)
     method = guidance_method or sc.guidance
     helper, helper_params = self._helper(method)
     fn = self._sample_fn(spec, method, helper)

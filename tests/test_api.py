@@ -22,6 +22,15 @@ def readme_python_example() -> str:
   return found[0]
 
 
+def test_readme_stays_a_guide_a_new_user_reads_in_ten_minutes():
+  """Under 20 KB; depth goes to docs/, and every document it links to exists."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  assert len(text.encode()) < 20 * 1024, len(text.encode())
+  linked = re.findall(r"\]\(((?:docs/|notebooks/)?[\w./-]+\.(?:md|png|ipynb))\)", text)
+  assert linked and all(os.path.exists(os.path.join(ROOT, p)) for p in linked), linked
+
+
 @pytest.fixture(scope="module")
 def example():
   """README's example run as written: its namespace (model, images)."""

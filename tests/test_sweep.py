@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from cfgdiff import configs
 from cfgdiff.sweep import orchestrate, report, store
 from tests.conftest import TINY_CONFIG, run_cli, start_cli_processes, wait_cli_processes
 
@@ -151,6 +152,30 @@ def test_multihost_polling_sweep_exits_75_on_sigterm(swept, tmp_path):
   assert "Preempted (SIGTERM): nothing was being evaluated" in text
 
 
+def test_each_traced_option_is_declared_once_and_reaches_sampler_api_and_checks():
+  import dataclasses
+  import inspect
+
+  from cfgdiff import api, samplers
+  declared = configs.TRACED_SAMPLE_OPTIONS
+  assert {f.name for f in dataclasses.fields(samplers.GuidanceOptions)} == {
+      o.field for o in declared}
+  assert {o.field for o in declared} <= set(inspect.signature(api.Model.sample).parameters)
+  sample = configs.default_config().sample
+  sample.update(v=0.7, guidance_interval=(-2.0, 3.0), rescale=0.25, threshold=0.5,
+                clip_x=False)
+  options = samplers.GuidanceOptions.from_config(sample)
+  for o in declared:
+    np.testing.assert_allclose(np.asarray(getattr(options, o.field)), sample[o.key], rtol=1e-7)
+  # Each check refuses a bad value in one line naming the key (ConfigDict itself refuses
+  # a non-bool clip_x).
+  for o in (o for o in declared if o.key != "clip_x"):
+    bad = configs.default_config().sample
+    bad[o.key] = {"guidance_interval": (3.0, -2.0)}.get(o.key, 1.5)
+    with pytest.raises(configs.ConfigError, match=f"config.sample.{o.key}="):
+      configs.validate_sample(bad)
+
+
 def test_every_sample_setting_is_part_of_a_cell_and_tables_never_mix_settings():
   from tests import tiny_config
   config = tiny_config.get_config()
@@ -169,11 +194,16 @@ def test_every_sample_setting_is_part_of_a_cell_and_tables_never_mix_settings():
   # Rows written before the method column existed were classifier-free guidance's.
   assert missing_weights(7, {store.cell_key({k: v for k, v in r.items() if k != "method"})
                              for r in rows}, config) == []
-  for key, value in (("v", 0.5), ("rescale", 0.7), ("threshold", 0.99), ("clip_x", False),
-                     ("guidance_interval", (-5.0, 5.0))):
+  # A valid non-default value of each traced option; an option declared without one here
+  # fails the test instead of going unchecked.
+  other = {"v": 0.5, "rescale": 0.7, "threshold": 0.99, "clip_x": False,
+           "guidance_interval": (-5.0, 5.0)}
+  assert set(other) == {o.key for o in configs.TRACED_SAMPLE_OPTIONS}
+  for option in configs.TRACED_SAMPLE_OPTIONS:
     changed = config.copy_and_resolve_references()
-    changed.sample[key] = value
-    assert missing_weights(7, done, changed) == [0.0, 1.0], key
+    changed.sample[option.key] = other[option.key]
+    configs.validate_sample(changed.sample)
+    assert missing_weights(7, done, changed) == [0.0, 1.0], option.key
   for key, value in (("seed", 1), ("sweep.bootstrap", 50), ("sweep.score_splits", 2)):
     changed = config.copy_and_resolve_references()
     changed.update_from_flattened_dict({key: value})

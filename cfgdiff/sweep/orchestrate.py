@@ -234,7 +234,7 @@ def missing_cells(run: Run, step: int | None, done: set, config: ml_collections.
     return []
   cells = []
   for method, settings in method_settings(run, step, config).items():
-    key = tuple(store.canonical(v) for v in settings.values())
+    key = store.setting_key(settings)
     cells += [(method, w, settings) for w in configs.method_weights(config.sweep, method)
               if (run.name, step, w) + key not in done]
   return cells

@@ -18,13 +18,13 @@ import math
 import ml_collections
 import numpy as np
 
-from cfgdiff import files
+from cfgdiff import configs, files
 
 # Every setting that changes the samples or the scores is a column and part of a cell's
 # key: a row is never reused for, or tabulated beside, another setting.
-SETTINGS = ("method", "guide_by", "sampler", "steps", "num_samples", "v", "interval_lo",
-            "interval_hi", "rescale", "threshold", "clip_x", "seed", "feature_net", "metrics",
-            "score_splits", "bootstrap")
+SETTINGS = ("method", "guide_by", "sampler", "steps", "num_samples",
+            *(c for o in configs.TRACED_SAMPLE_OPTIONS for c in o.columns), "seed",
+            "feature_net", "metrics", "score_splits", "bootstrap")
 
 COLUMNS = ("run", "step", "p_uncond", "w", *SETTINGS, "fid", "fid_se", "fid_floor", "is_mean",
            "is_mean_se", "precision", "precision_se", "recall", "recall_se", "accuracy",
@@ -53,10 +53,12 @@ def settings(config: ml_collections.ConfigDict, method: str = "cfg",
   if method == "classifier":
     guide_by += f", {sc.classifier_model} denoiser"
   values = dict(method=method, guide_by=guide_by, sampler=sw.sampler, steps=sw.num_steps,
-                num_samples=sw.num_samples, v=sc.v,
-                interval_lo=sc.guidance_interval[0], interval_hi=sc.guidance_interval[1],
-                rescale=sc.rescale, threshold=sc.threshold, clip_x=bool(sc.clip_x),
-                seed=config.seed, feature_net=feature_net, metrics=METRICS_VERSION,
+                num_samples=sw.num_samples)
+  for option in configs.TRACED_SAMPLE_OPTIONS:
+    value = sc[option.key]
+    values.update(zip(option.columns, value if len(option.columns) > 1 else (value,),
+                      strict=True))
+  values.update(seed=config.seed, feature_net=feature_net, metrics=METRICS_VERSION,
                 score_splits=sw.score_splits, bootstrap=sw.bootstrap)
   return {k: str(v) for k, v in values.items()}
 
