@@ -105,7 +105,7 @@ def measure_sampler(config, params) -> dict:
   size, channels, classes = config.data.image_size, config.data.channels, config.data.num_classes
   fn = sampling.jit_sample_fn(model, mesh, spec, (size, size, channels), classes)
   ids = jnp.arange(batch)
-  args = (params, samplers.example_keys(0, ids), ids % classes, jnp.ones(batch),
+  args = ((params, None), samplers.example_keys(0, ids), ids % classes, jnp.ones(batch),
           samplers.GuidanceOptions.create(v=config.sample.v))
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()

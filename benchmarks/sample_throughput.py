@@ -34,7 +34,7 @@ def worker(variant: dict) -> dict:
   def timed(name, steps, fused, w, interval):
     spec = samplers.SamplerSpec(name, steps, fused=fused)
     jitted = sampling.jit_sample_fn(model, mesh, spec, (28, 28, 1), 10)
-    args = (params, samplers.example_keys(0, jnp.arange(batch)), jnp.arange(batch) % 10,
+    args = ((params, None), samplers.example_keys(0, jnp.arange(batch)), jnp.arange(batch) % 10,
             jnp.full(batch, w), samplers.GuidanceOptions.create(interval=interval))
     jax.block_until_ready(jitted(*args))
     best = float("inf")
