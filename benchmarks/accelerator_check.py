@@ -40,7 +40,7 @@ _INCEPTION_BATCH = flags.DEFINE_integer("inception_batch", 200, "images per chip
 _PAPER_STEPS = flags.DEFINE_integer("paper_steps", 400_000, "the paper's training steps")
 _PAPER_BATCH = flags.DEFINE_integer("paper_batch", 2048, "the paper's global batch")
 _WRITE = flags.DEFINE_bool("write", True,
-                           "append the tables to BENCHMARKS.md (--nowrite: print only)")
+                           "record the tables in benchmarks/results.jsonl (--nowrite: print only)")
 
 # Dense bf16 peak per chip, TFLOP/s, by a lower-case piece of jax.Device.device_kind, first
 # match wins; each from the vendor's data sheet.
@@ -199,9 +199,10 @@ def main(argv: list[str]) -> None:
   if _WRITE.value:
     title = f"Accelerator check: {chips} x {device.device_kind}"
     command = "python -m benchmarks.accelerator_check"
-    common.append_section(title, command, header, rows)
-    common.append_section(f"{title}, projected", command,
-                          ["run", f"wall on {chips} chip(s)", "chip-hours"], projections)
+    common.record(title, command, header, rows, chip=device.device_kind)
+    common.record(f"{title}, projected", command,
+                  ["run", f"wall on {chips} chip(s)", "chip-hours"], projections,
+                  chip=device.device_kind)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared helpers for benchmarks: run a variant in a fresh process, append BENCHMARKS.md rows."""
+"""Shared helpers for benchmarks: run a variant in a fresh process, record its table in the
+results log that BENCHMARKS.md is built from (benchmarks/page.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import time
 from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
+# Every table a benchmark measured, one JSON object per line, oldest first. Set
+# CFGDIFF_BENCHMARK_LOG to record elsewhere (a test, or a run whose numbers should not land).
+RESULTS_LOG = os.path.join(ROOT, "benchmarks", "results.jsonl")
 # The vector extensions that decide XLA:CPU's and oneDNN's speed, in the order listed.
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
                 "avx512_bf16", "amx_bf16")
@@ -159,12 +162,39 @@ def run_variant(module: str, variant: dict, devices: int, extra_xla_flags: str =
   return result
 
 
-def append_section(title: str, command: str, header: list[str], rows: list[list]) -> None:
-  """Appends a dated markdown table with the command that produced it."""
+def results_log() -> str:
+  """The results log benchmarks record into: CFGDIFF_BENCHMARK_LOG, else RESULTS_LOG."""
+  return os.environ.get("CFGDIFF_BENCHMARK_LOG") or RESULTS_LOG
+
+
+def record(title: str, command: str, header: list[str], rows: list[list],
+           notes: list[str] = (), chip: str | None = None) -> dict:
+  """Appends one measured table to the results log and prints it as markdown.
+
+  Args:
+    title: what was measured; benchmarks/page.py files the table under the page section
+      whose title it starts with.
+    command: the command that measured it, as a reader would rerun it.
+    header, rows: the table; cells are written as strings.
+    notes: lines of reading computed by the benchmark (ratios), printed under the table.
+    chip: the accelerator's device_kind, where the numbers are an accelerator's.
+
+  Returns:
+    The record as written: its date and the CPU model and vector extensions it ran on.
+  """
   model, vector = cpu_description()
-  lines = [f"\n## {title}\n", f"{datetime.date.today().isoformat()}, `{command}`, "
-           f"{os.cpu_count()} cores, {model} ({vector}).\n", "| " + " | ".join(header) + " |",
-           "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  with open(BENCHMARKS_MD, "a") as f:
-    f.write("\n".join(lines) + "\n")
+  entry = {"title": title, "date": datetime.date.today().isoformat(), "command": command,
+           "cores": os.cpu_count(), "cpu": model, "vector": vector, "chip": chip,
+           "header": [str(h) for h in header], "rows": [[str(c) for c in row] for row in rows],
+           "notes": list(notes)}
+  with open(results_log(), "a") as f:
+    f.write(json.dumps(entry) + "\n")
+  print("\n".join(markdown_table(entry["header"], entry["rows"]) + entry["notes"]))
+  print(f"recorded in {results_log()}; `python -m benchmarks.page` rebuilds BENCHMARKS.md")
+  return entry
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+  """The lines of a markdown table."""
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["| " + " | ".join(row) + " |" for row in rows])

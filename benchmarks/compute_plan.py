@@ -4,7 +4,7 @@
 
 Training costs 3x a forward pass per image (forward, and a backward of twice its
 cost); a guided sampling step costs 2 forward passes (conditional and unconditional).
-Hours = FLOPs / (peak bf16 FLOP/s x utilisation). Appends a table to BENCHMARKS.md.
+Hours = FLOPs / (peak bf16 FLOP/s x utilisation). Records its table in benchmarks/results.jsonl.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> None:
   parser.add_argument("--runs", default=",".join(RUNS))
   args = parser.parse_args()
   rows = plan(args.utilisation, args.runs.split(","))
-  common.append_section(
+  common.record(
       f"Compute plan (model FLOP utilisation {args.utilisation:.0%})",
       f"python -m benchmarks.compute_plan --runs={args.runs}",
       ["experiment", "forward GFLOPs/image", "training FLOPs", "chip",

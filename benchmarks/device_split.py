@@ -14,7 +14,7 @@ loss, Adam, EMA) of `cfgdiff.train` at one global batch, split three ways:
 
 Each variant runs in fresh processes (the device count is fixed at JAX import); medians of
 ``--steps`` calls after warm-up, all with the convolution kernel gradient the one-process
-run's training picks (train.kernel_gradient = "auto"). Appends one table to BENCHMARKS.md
+run's training picks (train.kernel_gradient = "auto"). Records one table in benchmarks/results.jsonl
 with the CPU model.
 """
 
@@ -138,7 +138,7 @@ def main() -> None:
                  f"{mean['step']:.1f}", f"{1e3 * args.batch / mean['step']:.1f}"])
     print(" | ".join(rows[-1]), flush=True)
   if not args.no_write:
-    common.append_section(
+    common.record(
         f"Device split: {args.model} training step, one process against pinned processes "
         f"(kernel gradient: {KERNEL_GRADIENTS[split[0]['kernel_gradient']]})",
         ("python -m benchmarks.device_split " + " ".join(sys.argv[1:])).strip(), header, rows)

@@ -4,7 +4,7 @@
 
 FID Inception (Flax port, real default_1.pt weights, 299x299 after resize) on 64x64 RGB
 inputs, the Fashion-MNIST classifier on 28x28 inputs, and FID + precision/recall on
-feature sets of the evaluated size. Appends a table to BENCHMARKS.md.
+feature sets of the evaluated size. Records its table in benchmarks/results.jsonl.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
   for row in rows:
     print(" | ".join(row))
   if not args.no_write:
-    common.append_section("Evaluation cost", "python -m benchmarks.eval_throughput "
+    common.record("Evaluation cost", "python -m benchmarks.eval_throughput "
                           f"--images {args.images}", ["what", "measured"], rows)
 
 

@@ -6,7 +6,8 @@ the same network and weights (the issue's reference U-Net, batch 64, 28x28).
 JAX runs jitted in fresh processes on 1 device (all cores) and on one device per core;
 PyTorch runs eager with torch.set_num_threads(cores). Both forms: two passes of B and
 one fused batch of 2B. Each --xla-flags set adds a row: JAX on one device per core with
-those XLA:CPU flags (e.g. --xla_cpu_use_xnnpack=true). Appends a table to BENCHMARKS.md.
+those XLA:CPU flags (e.g. --xla_cpu_use_xnnpack=true). Records its table in
+benchmarks/results.jsonl.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def main() -> None:
   for row in rows:
     print(" | ".join(row))
   if not args.no_write:
-    common.append_section(
+    common.record(
         f"One guided evaluation, JAX vs PyTorch eager (reference U-Net, batch {args.batch})",
         f"python -m benchmarks.guided_eval_torch --batch {args.batch}", header, rows)
 

@@ -14,7 +14,7 @@ The rate a host needs is its 4 chips' share of the compute plan: dense bf16 peak
 chip (benchmarks/compute_plan.py) x 40% utilisation / (3 x the forward GFLOPs per image of
 README's model-size table). Each row also times the training thread: steps that first
 sleep for a v4-32 step time (the CPU is free while the TPU computes), then take the next
-batch; the wait is what the input adds to every step. Appends a table to BENCHMARKS.md.
+batch; the wait is what the input adds to every step. Records its table in benchmarks/results.jsonl.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def main() -> None:
   finally:
     if not args.data_dir:
       shutil.rmtree(data_dir, ignore_errors=True)
-  common.append_section(
+  common.record(
       "Input pipeline: images/s per host against a TPU v4-32 host's need",
       f"python -m benchmarks.input_throughput --workers {args.workers}",
       ["experiment", "stored images", "host batch", "workers", "images/s", "s/batch",

@@ -20,7 +20,7 @@ percent either side of 1, and XLA:CPU's concurrent operations would push it well
 
 The column "if everything else were free" bounds what faster elementwise code can buy:
 PyTorch's step time over JAX's convolutions and matrix products alone, the speed JAX would
-have if everything else took no time at all. Appends one table to BENCHMARKS.md with the
+have if everything else took no time at all. Records one table in benchmarks/results.jsonl with the
 CPU model and its vector extensions.
 """
 
@@ -201,7 +201,7 @@ def main() -> None:
         print(" | ".join(rows[-1]), flush=True)
   if not args.no_write:
     command = f"python -m benchmarks.kernel_share --models {args.models} --steps {args.steps}"
-    common.append_section("Convolutions and matrix products against everything else, "
+    common.record("Convolutions and matrix products against everything else, "
                           "JAX and PyTorch on one core", command, header, rows)
 
 

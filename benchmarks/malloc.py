@@ -9,8 +9,8 @@ and PyTorch eager's (one thread per core, `benchmarks/torch_unet.py`, same netwo
 weights) with the minor page faults and the kernel (system) CPU time per step, from
 getrusage over ``--steps`` steps after warm-up. Every variant is a fresh process; the
 allocators alternate for ``--rounds`` rounds (the two JAX steps swap order each round) and
-the fastest round is kept. Appends one
-table to BENCHMARKS.md with the CPU model.
+the fastest round is kept. Records one
+table in benchmarks/results.jsonl with the CPU model.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def main() -> None:
                      f"{best[(name, 'system')]['s'] / n['s']:.2f}"])
         print(" | ".join(rows[-1]), flush=True)
   if not args.no_write:
-    common.append_section(
+    common.record(
         "Memory allocator: the training step under glibc's malloc and under jemalloc",
         f"python -m benchmarks.malloc --models {args.models} --rounds {args.rounds} "
         f"--steps {args.steps}", header, rows)

@@ -2,7 +2,7 @@
 
   python -m benchmarks.model_size [--experiments fashion_mnist,imagenet64]
 
-Appends a table to BENCHMARKS.md.
+Records its table in benchmarks/results.jsonl.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     rows.append([name, f"{params_m:.2f}M", f"{gflops:.2f}"])
     print(" | ".join(rows[-1]), flush=True)
   from benchmarks import common
-  common.append_section("Model size", "python -m benchmarks.model_size --experiments "
+  common.record("Model size", "python -m benchmarks.model_size --experiments "
                         f"{args.experiments}", ["experiment", "parameters",
                                                 "forward GFLOPs per image"], rows)
 

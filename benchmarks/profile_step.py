@@ -7,7 +7,7 @@ Runs the real `cfgdiff.train` step (one XLA device per core, as `cfgdiff.main` d
 `jax.profiler`, joins the trace's per-thunk durations to the optimized HLO, and reports
 milliseconds per step summed over the devices: library fusions (YNNPACK/oneDNN
 convolutions and matrix products), elementwise loop fusions grouped by the JAX operation
-they came from (forward or backward), and copies. Appends one table to BENCHMARKS.md with
+they came from (forward or backward), and copies. Records one table in benchmarks/results.jsonl with
 the CPU model and its vector extensions.
 """
 
@@ -127,7 +127,7 @@ def main() -> None:
   if args.no_write:
     print("\n".join(" | ".join(str(c) for c in row) for row in [header] + rows))
   else:
-    common.append_section(title, command.strip(), header, rows)
+    common.record(title, command.strip(), header, rows)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 Measured in one process so the variants compare as ratios: images/s for the ancestral
 sampler at T=256 and DPM-Solver++(2M) at 20 steps, the cost of a guided step over an
 unguided one (floor 2.0), fused (one 2B batch) versus two passes, and the saving of a
-guidance interval. Appends a table to BENCHMARKS.md.
+guidance interval. Records its table in benchmarks/results.jsonl.
 """
 
 from __future__ import annotations
@@ -99,12 +99,10 @@ def main() -> None:
              f"{r['interval'][0] / r['two_pass'][0]:.2f}")
   print(summary)
   if not args.no_write:
-    common.append_section(
+    common.record(
         f"Sampling throughput (Fashion-MNIST default model, batch {args.batch}, "
         f"{r['devices']} devices)", "python -m benchmarks.sample_throughput "
-        f"--devices {args.devices} --batch {args.batch}", header, rows)
-    with open(common.BENCHMARKS_MD, "a") as f:
-      f.write(f"\n{summary}.\n")
+        f"--devices {args.devices} --batch {args.batch}", header, rows, notes=[f"{summary}."])
 
 
 if __name__ == "__main__":

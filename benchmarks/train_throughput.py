@@ -3,7 +3,7 @@
   python -m benchmarks.train_throughput [--models fashion_mnist,imagenet64] [--steps 8]
 
 Each variant runs in its own process (the CPU device count is fixed at JAX import).
-Results are printed and appended to BENCHMARKS.md.
+Results are printed and recorded in benchmarks/results.jsonl.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main() -> None:
       print(" | ".join(str(c) for c in row), flush=True)
       rows.append(row)
   if not args.no_write:
-    common.append_section("Training throughput", "python -m benchmarks.train_throughput "
+    common.record("Training throughput", "python -m benchmarks.train_throughput "
                           f"--models {args.models} --steps {args.steps}", header, rows)
 
 

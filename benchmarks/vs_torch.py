@@ -14,7 +14,7 @@ step compiled with XLA's SPMD all-reduce. Each JAX variant runs in a fresh proce
 device count is fixed at JAX import), and PyTorch runs in its own processes, once under the
 C library's malloc (as `python` starts) and once under jemalloc (as `cfgdiff.main` runs JAX
 on a CPU host).
-Appends one table to BENCHMARKS.md with the CPU model and its vector extensions.
+Records one table in benchmarks/results.jsonl with the CPU model and its vector extensions.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def main() -> None:
                  f"{torch_r['jemalloc']['matmul_gflops']:.0f}", "-", "-", "-"])
     print(" | ".join(rows[-1]), flush=True)
   if not args.no_write:
-    common.append_section("JAX against PyTorch eager, training and guided evaluation",
+    common.record("JAX against PyTorch eager, training and guided evaluation",
                           f"python -m benchmarks.vs_torch --models {args.models} "
                           f"--steps {args.steps}", header, rows)
 

@@ -16,7 +16,7 @@ import pytest
 from cfgdiff import sources
 
 # XLA:CPU's LLVM at -O1 instead of its default -O2: the tests' programs compile 1.5-2.5x
-# faster and run as fast (BENCHMARKS.md, "XLA:CPU optimisation level"). Set here for this
+# faster and run as fast (the tests' own compiles, timed both ways). Set here for this
 # process and, through xla_flags(), for every process a test starts.
 FAST_COMPILE = "--xla_backend_optimization_level=1"
 
