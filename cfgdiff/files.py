@@ -7,6 +7,7 @@ so a reader never sees half a file.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 from etils import epath
@@ -30,3 +31,13 @@ def write_atomic(location: str | epath.Path, payload: bytes | str) -> None:
   else:
     tmp.write_bytes(payload)
   tmp.replace(target)
+
+
+def sha256_file(location: str) -> str:
+  """The SHA-256 hex digest of a local file, read in 16 MiB chunks (weights and dataset
+  archives run to gigabytes)."""
+  digest = hashlib.sha256()
+  with open(location, "rb") as f:
+    while chunk := f.read(1 << 24):
+      digest.update(chunk)
+  return digest.hexdigest()

@@ -22,7 +22,6 @@ splits), read by training with --config.data.path=DIR.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import io
 import os
 import tarfile
@@ -33,6 +32,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from cfgdiff import files
 from cfgdiff.data import DataError
 
 NAME = "imagenet_resized/64x64"
@@ -51,14 +51,6 @@ def recorded_sha256() -> dict[str, str]:
           if len(fields) == 4}
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 24):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def check_zips(folder: str, verify: bool = True) -> dict[str, list[str]]:
   """{split: [zip paths]}, every zip present and (with ``verify``) of TFDS's SHA-256."""
   paths = {split: [os.path.join(folder, n) for n in names] for split, names in ZIPS.items()}
@@ -71,7 +63,7 @@ def check_zips(folder: str, verify: bool = True) -> dict[str, list[str]]:
   if verify:
     expected = recorded_sha256()
     for path in (p for ps in paths.values() for p in ps):
-      digest = _sha256(path)
+      digest = files.sha256_file(path)
       if digest != expected[os.path.basename(path)]:
         raise DataError(f"{path} has SHA-256 {digest}, not the {expected[os.path.basename(path)]} "
                         "TFDS records for it: a partial or different download. Download it "

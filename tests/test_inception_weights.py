@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cfgdiff import configs
+from cfgdiff import configs, files
 from cfgdiff.evaluation import inception_weights, torch_files
 from experiments import get_experiment
 from tests.test_inception import (
@@ -237,7 +237,7 @@ def test_load_weights_for_each_config_value(tmp_path, monkeypatch):
   cache.mkdir()
   official = cache / inception_weights.PYTORCH_FID_FILE
   variables = write_random_pytorch_fid_weights(str(official), seed=1)
-  digest = inception_weights.sha256_file(str(official))
+  digest = files.sha256_file(str(official))
   # "download" takes the cached file only if it has the pinned checksum.
   with pytest.raises(inception_weights.InceptionWeightsError, match="cached copy is damaged"):
     inception_weights.load_weights("download", str(cache))

@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from cfgdiff import files
 from cfgdiff.evaluation import torch_files
 from cfgdiff.evaluation.inception import FIDInception
 
@@ -167,14 +168,6 @@ def default_torchscript_path() -> str:
   return path
 
 
-def sha256_file(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def fetch_pytorch_fid(cache_dir: str | None = None, url: str | None = None,
                       sha256: str | None = None, timeout: float = 60.0) -> str:
   """The path of pytorch-fid's weights in ``cache_dir`` (default ~/.cache/cfgdiff),
@@ -189,7 +182,7 @@ def fetch_pytorch_fid(cache_dir: str | None = None, url: str | None = None,
   url, sha256 = url or PYTORCH_FID_URL, sha256 or PYTORCH_FID_SHA256
   target = os.path.join(cache_dir, PYTORCH_FID_FILE)
   if os.path.exists(target):
-    got = sha256_file(target)
+    got = files.sha256_file(target)
     if got != sha256:
       raise InceptionWeightsError(
           f"{target} has SHA-256 {got}, expected {sha256}: the cached copy is damaged; "
@@ -278,12 +271,12 @@ def load_weights(spec: str, cache_dir: str | None = None) -> tuple[dict, str]:
     return load_pytorch_fid(fetch_pytorch_fid(cache_dir)), PYTORCH_FID_SHA256
   if spec == WEIGHTS_FID_ONLY:
     path = default_torchscript_path()
-    return load_fid_inception(path), sha256_file(path)
+    return load_fid_inception(path), files.sha256_file(path)
   if not os.path.isfile(spec):
     raise InceptionWeightsError(f"config.sweep.inception_weights={spec!r} is not a file; use "
                                 f"'{WEIGHTS_DOWNLOAD}', '{WEIGHTS_FID_ONLY}' or the path of "
                                 f"{PYTORCH_FID_FILE}.")
-  digest = sha256_file(spec)
+  digest = files.sha256_file(spec)
   if os.path.basename(spec) == PYTORCH_FID_FILE and digest != PYTORCH_FID_SHA256:
     raise InceptionWeightsError(
         f"{spec} has SHA-256 {digest}, expected {PYTORCH_FID_SHA256} for {PYTORCH_FID_FILE}: "
