@@ -6,6 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA := /usr/share/datasets/fashion-mnist
 WORKDIR ?= workdir/fashion_mnist
+# More flags for train, sweep and sample, e.g. ARGS='--config.train.num_steps=1000'.
+ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 comma := ,
 
@@ -78,10 +80,10 @@ setup: $(INSTALLED) data jemalloc
 setup-test: $(VENV)/.installed-test data jemalloc
 
 train: setup
-	$(CLI) --workdir=$(WORKDIR)
+	$(CLI) --workdir=$(WORKDIR) $(ARGS)
 
 sweep: setup
-	$(CLI) --workdir=$(WORKDIR) --mode=sweep
+	$(CLI) --workdir=$(WORKDIR) --mode=sweep $(ARGS)
 
 # The main job: train the default, then FID/score/precision/recall over w; prints the table.
 run: train sweep
@@ -153,7 +155,7 @@ test: setup-test lint
 	  --no-loadscope-reorder tests
 
 sample: setup
-	$(CLI) --workdir=$(WORKDIR) --mode=sample
+	$(CLI) --workdir=$(WORKDIR) --mode=sample $(ARGS)
 
 # The ImageNet pod and SLURM path end to end on this CPU, with stand-in gcloud/srun
 # (tests/test_rehearsal.py); prints the rehearsal's log. Part of `make test` too.

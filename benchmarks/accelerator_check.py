@@ -4,7 +4,7 @@
   python -m benchmarks.accelerator_check --config=tests/tiny_config.py --nowrite   # CPU, CI
 
 On random batches of the right shapes (no dataset, no downloaded weights) it runs the
-config's real training step (`train.compile_train_step_for_backend`, the config's dtype:
+config's real training step (`kernel_choice.compile_train_step`, the config's dtype:
 bf16 for ImageNet 64) at --per_chip_batch examples per chip, the guided sampler (the
 config's sweep sampler and steps, both guidance passes), and the FID Inception features
 (random weights: same cost as the real ones). It prints images/s per chip, TFLOP/s from

@@ -108,10 +108,10 @@ def training_step(config, model, optimizer, mesh, state, batch) -> tuple:  # (Co
   kernel gradients here and keeps the faster); and whether that is conv.py's tap products."""
   import jax
 
-  from cfgdiff import train
+  from cfgdiff import kernel_choice
   with tempfile.TemporaryDirectory(prefix="cfgdiff_benchmark_") as workdir:
-    step = train.compile_train_step_for_backend(config, model, optimizer, mesh, state, workdir)
-    taps = train.saved_kernel_gradient(workdir) == "taps"
+    step = kernel_choice.compile_train_step(config, model, optimizer, mesh, state, workdir)
+    taps = kernel_choice.saved_kernel_gradient(workdir) == "taps"
   if not isinstance(step, jax.stages.Compiled):
     step = step.lower(state, batch).compile()
   return step, taps
@@ -122,9 +122,9 @@ def spmd_train_step(config, model, optimizer, mesh, state, batch):  # -> jax.sta
   choose: benchmarks count the step's FLOPs on it, because XLA's cost analysis counts the
   flat step's shard_map body differently (13% more FLOPs, 6.8x the bytes, while it runs
   faster; BENCHMARKS.md)."""
-  from cfgdiff import train
-  return train.compile_train_step(config, model, optimizer, mesh, flat_allreduce=False
-                                  ).lower(state, batch).compile()
+  from cfgdiff import train_step
+  return train_step.compile_train_step(config, model, optimizer, mesh, flat_allreduce=False
+                                       ).lower(state, batch).compile()
 
 
 def worker_env(devices: int, extra_xla_flags: str = "", malloc: str = "jemalloc") -> dict:

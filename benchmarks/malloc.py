@@ -55,12 +55,12 @@ def worker(variant: dict) -> dict:
 
   import jax
 
-  from cfgdiff import train
+  from cfgdiff import train_step
   mesh, model, optimizer, state, images = common.train_setup(config)
   out = {"malloc": allocator.in_use()}
   order = (("taps", True), ("xla", False))
   for name, taps in order[::-1] if variant["reverse"] else order:  # alternates across rounds
-    compiled = train.compile_train_step(config, model.clone(kernel_grad_taps=taps), optimizer,
+    compiled = train_step.compile_train_step(config, model.clone(kernel_grad_taps=taps), optimizer,
                                         mesh).lower(state, images).compile()
 
     def run_steps(n, compiled=compiled):

@@ -21,7 +21,7 @@ def worker(variant: dict) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from cfgdiff import build, train
+  from cfgdiff import build, train_step
   from experiments import get_experiment
 
   config = get_experiment("fashion_mnist" if variant["model"] == "reference" else
@@ -35,7 +35,7 @@ def worker(variant: dict) -> dict:
   mesh = build.make_mesh(tuple(config.runtime.mesh_shape))
   model, optimizer = build.make_model(config), build.make_optimizer(config.train)
   state = build.create_state(config, model, optimizer, mesh)
-  step = train.compile_train_step(config, model, optimizer, mesh)
+  step = train_step.compile_train_step(config, model, optimizer, mesh)
   size, ch = config.data.image_size, config.data.channels
   rng = np.random.default_rng(0)
   batch = build.global_batch({
@@ -60,7 +60,7 @@ def worker(variant: dict) -> dict:
   step_s = float(np.median(times))
   peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   counted = compiled  # compiled after the peak memory is read: the real job never does
-  if train.flat_allreduce_applies(config, mesh):
+  if train_step.flat_allreduce_applies(config, mesh):
     counted = common.spmd_train_step(config, model, optimizer, mesh, state, batch)
   flops = (counted.cost_analysis() or {}).get("flops", float("nan"))
   params = sum(x.size for x in jax.tree.leaves(state.params))

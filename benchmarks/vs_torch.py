@@ -5,7 +5,7 @@
 For each network: a training step (the paper's loss, Adam) with conv.py's tap-product kernel
 gradient and with XLA's own (train.kernel_gradient="auto" trains with the faster, timed the
 same way), the faster again against the same step with XLA's SPMD gradient all-reduce
-instead of the flat one (train.flat_allreduce_applies), and one guided evaluation (two
+instead of the flat one (train_step.flat_allreduce_applies), and one guided evaluation (two
 passes of B); JAX jitted with one XLA device per core, PyTorch eager with one thread per
 core, both on the same network with the same initial weights. GFLOP/s use XLA's count of the
 step's floating-point operations for both frameworks and are set against each framework's
@@ -50,12 +50,13 @@ def jax_worker(variant: dict) -> dict:
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from cfgdiff import train
+  from cfgdiff import train_step
 
   config = _config(variant["model"])
   mesh, model, optimizer, state, images = common.comparison_setup(config)
-  steps = {name: train.compile_train_step(config, model.clone(kernel_grad_taps=taps), optimizer,
-                                         mesh).lower(state, images).compile()
+  steps = {name: train_step.compile_train_step(
+               config, model.clone(kernel_grad_taps=taps), optimizer, mesh
+           ).lower(state, images).compile()
            for name, taps in (("train_taps", True), ("train_xla_conv", False))}
 
   def train_once(compiled):
@@ -76,7 +77,7 @@ def jax_worker(variant: dict) -> dict:
   faster = min(steps, key=lambda name: out[f"{name}_s"])  # what "auto" keeps
   out["train_s"] = out[f"{faster}_s"]
   counted = steps[faster]
-  out["flat_applies"] = train.flat_allreduce_applies(config, mesh)
+  out["flat_applies"] = train_step.flat_allreduce_applies(config, mesh)
   if out["flat_applies"]:
     # The same step with the gradients summed by XLA's SPMD all-reduce of every array
     # (what the flat all-reduce replaces on CPU), timed against the faster step again.

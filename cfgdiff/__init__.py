@@ -13,7 +13,7 @@ if sys.version_info[:2] < MIN_PYTHON:
       "`sudo apt-get install -y python3.11 python3.11-venv` and make the venv with "
       "python3.11 (launch/setup_worker.sh does).")
 
-_API = ("load", "Model", "guided_sample")
+_API = ("load", "Model", "ModelNotFoundError", "guided_sample")
 
 
 def __getattr__(name: str):

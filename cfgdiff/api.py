@@ -21,7 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cfgdiff import checkpoint, configs, guidance, reference, samplers, sampling, sources
+from cfgdiff import configs, guidance, reference, samplers, sampling, sources
+
+
+class ModelNotFoundError(LookupError):
+  """`load` found no workdir, checkpoint or shipped model under the name it was given."""
 
 
 class Model:
@@ -125,7 +129,8 @@ def load(source: str = "fashion_mnist", step: int | None = None) -> Model:
   (its latest checkpoint, or ``step``), or a checkpoint folder (WORKDIR/checkpoints/STEP).
 
   Raises:
-    checkpoint.CheckpointError: nothing loadable at ``source``; the message lists what is.
+    ModelNotFoundError: nothing loadable at ``source``; the message lists what is.
+    reference.ShippedModelError: a shipped model's files are damaged.
   """
   if os.path.isdir(os.path.join(source, "state")) and os.path.basename(
       os.path.dirname(os.path.normpath(source))) == "checkpoints":
@@ -141,7 +146,7 @@ def load(source: str = "fashion_mnist", step: int | None = None) -> Model:
     return Model(sampling.CheckpointSampler.from_reference(source, shipped=shipped),
                  _class_names(shipped.config))
   shipped = sorted(p.name for p in reference.ROOT.iterdir()) if reference.ROOT.is_dir() else []
-  raise checkpoint.CheckpointError(
+  raise ModelNotFoundError(
       f"{source!r} is neither a workdir (no config.json), a checkpoint folder "
       f"(WORKDIR/checkpoints/STEP) nor a shipped model ({shipped}).")
 

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cfgdiff import files, multihost
+from cfgdiff import build, files, multihost
 
 DAMAGED_DIR = "checkpoints_damaged"  # beside checkpoints/: steps that failed to restore
 
@@ -289,3 +290,16 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
 
+
+def load_ema_params(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+                    step: int | None = None) -> tuple[Any, int]:
+  """(EMA parameters, step) of checkpoint ``step`` (the latest when None) of a run
+  trained with ``config``, read onto ``mesh``."""
+  model = build.make_model(config)
+  target = build.abstract_state(config, model, build.make_optimizer(config.train), mesh)
+  reader = Checkpointer(workdir, read_only=True)
+  try:
+    state, _ = reader.restore(target, step)
+  finally:
+    reader.close()  # a polling sweep loads many times: no manager left behind each time
+  return state.ema_params, int(state.step)

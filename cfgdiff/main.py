@@ -142,7 +142,16 @@ def main(argv: list[str]) -> None:
       memory_plan.check_training(config, shape[1] if shape[1] > 0 else node_devices)
 
     # pylint: disable-next=g-import-not-at-top
-    from cfgdiff import checkpoint, data, resume, sampling, sweep, train, workdir_lock
+    from cfgdiff import (
+        checkpoint,
+        data,
+        reference,
+        resume,
+        sampling,
+        sweep,
+        train,
+        workdir_lock,
+    )
     try:
       if training:
         state = train.train(config, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
@@ -155,8 +164,8 @@ def main(argv: list[str]) -> None:
         run = sampling.run if _MODE.value == "sample" else sweep.run
         for path in run(config, _WORKDIR.value):
           print(path)
-    except (data.DataError, checkpoint.CheckpointError, workdir_lock.WorkdirBusyError,
-            resume.ResumeError) as e:
+    except (data.DataError, checkpoint.CheckpointError, reference.ShippedModelError,
+            sweep.SweepError, workdir_lock.WorkdirBusyError, resume.ResumeError) as e:
       _fail(str(e))
     except workdir_lock.LockLostError as e:
       _fail(str(e), preemption.EXIT_LOCK_LOST)

@@ -78,7 +78,7 @@ def _nbytes(tree) -> int:
 
 def _residual_bytes(config: ml_collections.ConfigDict, batch: int) -> int:
   """Bytes of what `jax.vjp` keeps of the training loss's forward pass at ``batch``
-  examples: the step's loss (`train.make_train_step`) traced, never run."""
+  examples: the step's loss (`train_step.make_train_step`) traced, never run."""
   model = build.make_model(config)
   size, channels, dc = config.data.image_size, config.data.channels, config.diffusion
 

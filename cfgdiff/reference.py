@@ -36,12 +36,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cfgdiff import build, checkpoint, configs, data, diffusion, files, sources
+from cfgdiff import build, checkpoint, configs, data, diffusion, files, resume, sources
 
 ROOT = pathlib.Path(__file__).parent / "reference_models"
 PARAMS_FILE, MANIFEST_FILE = "ema_params.msgpack", "manifest.json"
 # The held-out loss: the first HELDOUT_COUNT test images, noised with this seed.
 HELDOUT_COUNT, HELDOUT_SEED = 512, 0
+
+
+class ShippedModelError(RuntimeError):
+  """A shipped model's files are missing, corrupt or do not match their manifest."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +72,14 @@ def load(name: str, root: pathlib.Path | None = None) -> Reference:
   folder = root / name
   if not (folder / MANIFEST_FILE).exists():
     shipped = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-    raise checkpoint.CheckpointError(f"no reference model {name!r} in {root} (shipped: "
-                                     f"{shipped}); export one with python -m cfgdiff.reference.")
+    raise ShippedModelError(f"no reference model {name!r} in {root} (shipped: "
+                            f"{shipped}); export one with python -m cfgdiff.reference.")
   manifest = json.loads((folder / MANIFEST_FILE).read_text())
   path = folder / PARAMS_FILE
   blob = path.read_bytes() if path.exists() else b""
   digest = hashlib.sha256(blob).hexdigest()
   if digest != manifest["sha256"]:
-    raise checkpoint.CheckpointError(
+    raise ShippedModelError(
         f"{path} is missing or corrupt: its SHA-256 is {digest}, {folder / MANIFEST_FILE} "
         f"records {manifest['sha256']} ({manifest['bytes']} bytes). Restore it with "
         f"`git checkout -- {path}` in a clone, or reinstall cfgdiff.")
@@ -84,8 +88,8 @@ def load(name: str, root: pathlib.Path | None = None) -> Reference:
   shapes = lambda tree: {k: tuple(np.shape(v))
                          for k, v in flax.traverse_util.flatten_dict(tree).items()}
   if shapes(params) != shapes(abstract_params(config)):
-    raise checkpoint.CheckpointError(f"{path} does not match the network its manifest's "
-                                     "config builds; export it again.")
+    raise ShippedModelError(f"{path} does not match the network its manifest's "
+                            "config builds; export it again.")
   return Reference(name, config, params, manifest)
 
 
@@ -122,18 +126,17 @@ def commit() -> str:
 def export(workdir: str, name: str, command: str, root: pathlib.Path | None = None) -> dict:
   """Writes the EMA parameters of WORKDIR's latest checkpoint and their manifest to
   ROOT/NAME; returns the manifest."""
-  from cfgdiff import sampling  # pylint: disable=g-import-not-at-top
   config = configs.from_json(str(files.path(workdir) / "config.json"))
   if config.data.name != "fashion_mnist":
     raise configs.ConfigError(f"{workdir} was trained on {config.data.name}: only "
                               "Fashion-MNIST models are exported (the held-out loss reads "
                               "its test images).")
-  sampler = sampling.CheckpointSampler(config, workdir)
-  params = jax.tree.map(np.asarray, jax.device_get(sampler.params))
+  ema_params, step = checkpoint.load_ema_params(config, workdir, build.make_mesh())
+  params = jax.tree.map(np.asarray, jax.device_get(ema_params))
   blob = flax.serialization.msgpack_serialize(params)
   images, labels = sources.load_fashion_mnist(config.data.path, "test")
   manifest = dict(
-      name=name, step=sampler.step, command=command, commit=commit(),
+      name=name, step=step, command=command, commit=commit(),
       exported=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob),
       parameters=int(sum(x.size for x in jax.tree.leaves(params))),
@@ -154,7 +157,6 @@ def unpack(name: str, workdir: str, root: pathlib.Path | None = None) -> str:
   are the shipped ones. The shipped files hold nothing else, so the checkpoint's raw
   parameters are the EMA ones too and its optimizer state is fresh: evaluate it, do not
   resume its training from it. Returns WORKDIR."""
-  from cfgdiff import resume  # pylint: disable=g-import-not-at-top
   shipped = load(name, root)
   path = files.path(workdir)
   if (path / "checkpoints").exists():

@@ -93,6 +93,10 @@ METHODS: dict[str, Method] = {
 }
 
 
+if tuple(METHODS) != configs.SAMPLERS:  # the configs name them without importing jax
+  raise ImportError(f"samplers.METHODS {tuple(METHODS)} != configs.SAMPLERS {configs.SAMPLERS}")
+
+
 def names() -> tuple[str, ...]:
   """The sampler names the configs accept."""
   return tuple(METHODS)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,40 +22,15 @@ from PIL import Image, ImageDraw, ImageFont
 from cfgdiff import (
   build,
   checkpoint,
-  configs,
   data,
   files,
-  guidance,
+  guide_networks,
   preemption,
+  reference,
   samplers,
   sources,
 )
-from cfgdiff.models import classifier as classifier_net
 from cfgdiff.progress import Progress
-
-
-def make_guide(method: str, model: nn.Module, params, helper: nn.Module | None, helper_params,
-               null_label: int, fused: bool = False,
-               classifier_model: str = "conditional") -> guidance.Guide:
-  """The `guidance.Guide` of ``method`` for the denoiser ``model`` with ``params``.
-
-  ``helper``: the noisy classifier (method 'classifier') or the weak denoiser ('auto'),
-  with ``helper_params``; None for 'cfg'. ``classifier_model``: the denoiser classifier
-  guidance starts from, 'conditional' (the label, as ADM-G) or 'unconditional' (null).
-  """
-  eps_fn = lambda z, l, y: model.apply({"params": params}, z, l, y)
-  if method == "cfg":
-    return guidance.classifier_free(eps_fn, null_label, fused)
-  if method == "classifier":
-    log_prob = lambda z, l, y: classifier_net.log_prob(
-        helper.apply({"params": helper_params}, z, l), y)
-    return guidance.classifier(eps_fn, log_prob,
-                               None if classifier_model == "conditional" else null_label)
-  if method == "auto":
-    weak = lambda z, l, y: helper.apply({"params": helper_params}, z, l, y)
-    return guidance.autoguidance(eps_fn, weak)
-  raise ValueError(f"guidance method {method!r} does not exist; choose one of "
-                   f"{guidance.METHODS}.")
 
 
 def jit_sample_fn(model: nn.Module, mesh: Mesh, spec: samplers.SamplerSpec,
@@ -64,142 +38,17 @@ def jit_sample_fn(model: nn.Module, mesh: Mesh, spec: samplers.SamplerSpec,
                   helper: nn.Module | None = None, classifier_model: str = "conditional"):
   """fn((params, helper_params), keys [B,2], labels [B], w [B], options) ->
   (x [B,H,W,C], forward passes), jitted with the batch split over the mesh's 'data' axis
-  and parameters replicated. ``method``, ``helper``: as `make_guide`."""
+  and parameters replicated. ``method``, ``helper``: as `guide_networks.make_guide`."""
 
   def fn(all_params, keys, labels, w, options):
     params, helper_params = all_params
-    guide = make_guide(method, model, params, helper, helper_params, null_label, spec.fused,
-                       classifier_model)
+    guide = guide_networks.make_guide(method, model, params, helper, helper_params,
+                                      null_label, spec.fused, classifier_model)
     return samplers.sample(guide, keys, labels, w, image_shape, spec, options)
 
   split, replicated = NamedSharding(mesh, build.BATCH), NamedSharding(mesh, P())
   return jax.jit(fn, in_shardings=(replicated, split, split, split, replicated),
                  out_shardings=(split, replicated))
-
-
-def load_ema_params(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
-                    step: int | None = None):
-  """(EMA parameters, step) of checkpoint ``step`` (the latest when None) of a run
-  trained with ``config``, read onto ``mesh``."""
-  model = build.make_model(config)
-  target = build.abstract_state(config, model, build.make_optimizer(config.train), mesh)
-  reader = checkpoint.Checkpointer(workdir, read_only=True)
-  try:
-    state, _ = reader.restore(target, step)
-  finally:
-    reader.close()  # a polling sweep loads many times: no manager left behind each time
-  return state.ema_params, int(state.step)
-
-
-def _same_data(ours: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict) -> str:
-  """'' when both configs model the same data; else what differs, for an error."""
-  keys = ("name", "image_size", "channels", "num_classes")
-  differ = [f"data.{k} {theirs.data[k]!r} (not {ours.data[k]!r})" for k in keys
-            if ours.data[k] != theirs.data[k]]
-  return ", ".join(differ)
-
-
-class GuideHelper(NamedTuple):
-  """The network a guidance method needs beside the denoiser, before it is read."""
-
-  config: ml_collections.ConfigDict  # the config it was trained with
-  workdir: str
-  step: int  # the checkpoint step that is read
-
-  def describe(self) -> str:
-    return f"{self.workdir} step {self.step}"
-
-
-def resolve_guide_helper(config: ml_collections.ConfigDict, workdir: str | None,
-                         method: str | None = None,
-                         main_step: int | None = None) -> GuideHelper | None:
-  """Which network ``method`` (default config.sample.guidance) needs beside the denoiser
-  of ``workdir``, checked before anything is read or compiled: None for 'cfg'.
-
-  'classifier': the noisy classifier of sample.classifier_workdir (--mode=train_classifier
-  of the same data), its latest step. 'auto': checkpoint sample.weak_step of
-  sample.weak_workdir (this workdir when ''; its latest step when 0), a weaker denoiser of
-  the same data and schedule, earlier than ``main_step`` when it is this workdir's.
-
-  Raises:
-    configs.ConfigError: the workdir is missing, or trained for something else.
-  """
-  sc = config.sample
-  method = method or sc.guidance
-  if method == "cfg":
-    return None
-  if method not in guidance.METHODS:
-    raise configs.ConfigError(f"guidance method {method!r} does not exist; choose one of "
-                              f"{guidance.METHODS}.")
-  if method == "classifier":
-    if not sc.classifier_workdir:
-      raise configs.ConfigError(
-          "classifier guidance needs sample.classifier_workdir: the workdir of "
-          "--mode=train_classifier with this config (it trains the noisy classifier).")
-    helper_config = _trained_config(sc.classifier_workdir, "sample.classifier_workdir")
-    if helper_config.model.kind != "noisy_classifier":
-      raise configs.ConfigError(
-          f"sample.classifier_workdir={sc.classifier_workdir!r} holds a "
-          f"{helper_config.model.kind!r} model, not a noisy classifier; train one with "
-          "--mode=train_classifier and point sample.classifier_workdir at its workdir.")
-    differ = _same_data(config, helper_config)
-    if differ:
-      raise configs.ConfigError(
-          f"the classifier in {sc.classifier_workdir} was trained for {differ}: train a "
-          "classifier on this config's data with --mode=train_classifier.")
-    return GuideHelper(helper_config, sc.classifier_workdir,
-                       _step_to_read(sc.classifier_workdir, 0, "sample.classifier_workdir"))
-  weak_workdir = sc.weak_workdir or workdir
-  if not weak_workdir:
-    raise configs.ConfigError("autoguidance needs sample.weak_workdir (a smaller "
-                              "model's workdir) when sampling a shipped model.")
-  if not sc.weak_workdir and not sc.weak_step:
-    raise configs.ConfigError(
-        "autoguidance with sample.weak_workdir='' guides by an earlier checkpoint "
-        "of this workdir: set sample.weak_step to one of "
-        f"{checkpoint.saved_steps(weak_workdir)}, or sample.weak_workdir to a smaller run.")
-  helper_config = _trained_config(weak_workdir, "sample.weak_workdir")
-  differ = _same_data(config, helper_config)
-  schedule = ("logsnr_min", "logsnr_max")
-  differ += ", ".join(f"diffusion.{k} {helper_config.diffusion[k]} (not {config.diffusion[k]})"
-                      for k in schedule if helper_config.diffusion[k] != config.diffusion[k])
-  if helper_config.model.kind != "unet" or differ:
-    raise configs.ConfigError(
-        f"the weak model in {weak_workdir} is {helper_config.model.kind!r} on "
-        f"{differ or 'the same data'}: autoguidance needs a denoiser of the same data and "
-        "noise schedule (an earlier checkpoint of this run, or a smaller network trained "
-        "by the same command).")
-  step = _step_to_read(weak_workdir, sc.weak_step, "sample.weak_step")
-  if weak_workdir == workdir and main_step is not None and step >= main_step:
-    raise configs.ConfigError(
-        f"sample.weak_step={step} is not earlier than the sampled step {main_step}: "
-        "autoguidance needs a weaker model.")
-  return GuideHelper(helper_config, weak_workdir, step)
-
-
-def load_guide_helper(helper: GuideHelper, mesh: Mesh) -> tuple[nn.Module, Any]:
-  """(module, EMA parameters) of a resolved `GuideHelper`, read onto ``mesh``."""
-  params, _ = load_ema_params(helper.config, helper.workdir, mesh, helper.step)
-  return build.make_model(helper.config), params
-
-
-def _step_to_read(workdir: str, step: int, key: str) -> int:
-  """``step`` if ``workdir`` saved it, its latest step when 0; else a ConfigError."""
-  saved = checkpoint.saved_steps(workdir)
-  if not saved:
-    raise configs.ConfigError(f"{workdir} has no checkpoint yet: train it first.")
-  if step and step not in saved:
-    raise configs.ConfigError(f"{key}={step} is not a checkpoint of {workdir}; it has "
-                              f"{saved}.")
-  return step or saved[-1]
-
-
-def _trained_config(workdir: str, key: str) -> ml_collections.ConfigDict:
-  path = files.path(workdir) / "config.json"
-  if not path.exists():
-    raise configs.ConfigError(f"{key}={workdir!r} is not a trained workdir (no config.json "
-                              "there): train it first, or fix the path.")
-  return configs.from_json(str(path))
 
 
 class CheckpointSampler:
@@ -234,7 +83,6 @@ class CheckpointSampler:
     """Samples from the shipped reference model ``name`` (`cfgdiff.reference`) with the
     options of ``sample_config`` (a config.sample; None: those it was trained with).
     ``shipped``: the model as `reference.load` returned it, if already loaded."""
-    from cfgdiff import reference  # pylint: disable=g-import-not-at-top
     shipped = shipped or reference.load(name)
     config = shipped.config.copy_and_resolve_references()
     if sample_config is not None:
@@ -243,19 +91,19 @@ class CheckpointSampler:
 
   def load(self, step: int | None = None) -> None:
     """Samples from checkpoint ``step`` (the latest when None) from now on."""
-    self.params, self.step = load_ema_params(self.config, self.workdir, self.mesh, step)
+    self.params, self.step = checkpoint.load_ema_params(self.config, self.workdir, self.mesh, step)
 
-  def guide_helper(self, method: str | None = None) -> GuideHelper | None:
+  def guide_helper(self, method: str | None = None) -> guide_networks.GuideHelper | None:
     """The network guidance ``method`` (default config.sample.guidance) reads beside this
-    sampler's denoiser, checked (`resolve_guide_helper`); None for 'cfg'."""
-    return resolve_guide_helper(self.config, self.workdir, method, self.step)
+    sampler's denoiser, checked (`guide_networks.resolve_guide_helper`); None for 'cfg'."""
+    return guide_networks.resolve_guide_helper(self.config, self.workdir, method, self.step)
 
   def guide_cost(self, method: str, sampler: str, num_steps: int) -> tuple[int, int]:
     """(network forward passes, backward passes) per sample of a ``num_steps`` run of
     ``sampler`` guided by ``method`` at every step, as its `guidance.Guide` declares."""
     helper = self.guide_helper(method)
     module = build.make_model(helper.config) if helper else None
-    guide = make_guide(method, self.model, None, module, None, self.num_classes,
+    guide = guide_networks.make_guide(method, self.model, None, module, None, self.num_classes,
                        self.config.sample.fused, self.config.sample.classifier_model)
     return (samplers.network_evaluations(sampler, num_steps, guide.evaluations),
             samplers.network_evaluations(sampler, num_steps, guide.backward_passes))
@@ -268,7 +116,8 @@ class CheckpointSampler:
     if key not in self._helpers:
       if helper is not None:
         logging.info("Guidance %r by %s.", method, helper.describe())
-      self._helpers[key] = load_guide_helper(helper, self.mesh) if helper else (None, None)
+      self._helpers[key] = (guide_networks.load_guide_helper(helper, self.mesh) if helper
+                            else (None, None))
     return self._helpers[key]
 
   def _sample_fn(self, spec: samplers.SamplerSpec, method: str = "cfg",
@@ -400,7 +249,6 @@ def _workdir_or_reference_sampler(config: ml_collections.ConfigDict,
                                   workdir: str) -> CheckpointSampler:
   """The workdir's latest checkpoint; with none there, the reference model shipped for
   the config's data (Fashion-MNIST), if the config asks for its network."""
-  from cfgdiff import reference  # pylint: disable=g-import-not-at-top
   if not checkpoint.saved_steps(workdir) and reference.available(config.data.name):
     shipped = reference.load(config.data.name)
     same_network = all(shipped.config[k].to_dict() == config[k].to_dict()

@@ -9,7 +9,8 @@
 A source has ``len``, ``read(indices) -> (uint8 [N, H, W, C], int32 [N])`` and
 ``fingerprint()``. `open_split` opens the training or held-out split a config names and
 checks it against the config's shapes: everything wrong is one DataError line, raised
-before anything compiles.
+before anything compiles. `training_pipeline` is the training split's batches as the
+training loop reads them.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import hashlib
 import os
 import struct
 
+import jax
 import ml_collections
 import numpy as np
 
+from cfgdiff import data
 from cfgdiff.data import DataError
 
 IMAGE_FOLDER = "image_folder"
@@ -173,3 +176,22 @@ def _check_labels(labels: np.ndarray, dc: ml_collections.ConfigDict, where: str)
   if labels.max() >= dc.num_classes:
     raise DataError(f"{where} has label {labels.max()}, outside "
                     f"[0, config.data.num_classes={dc.num_classes}).")
+
+
+def training_source(config: ml_collections.ConfigDict) -> data.Source:
+  """The training examples config.data names, checked against the config's shapes."""
+  return open_split(config.data, "train").source
+
+
+def training_batcher(config: ml_collections.ConfigDict) -> data.Batcher:
+  """This process's batches of the training split, by step (see `data.Batcher`)."""
+  return data.Batcher(training_source(config), config.train.batch_size, config.seed,
+                      jax.process_index(), jax.process_count(),
+                      random_flip=config.data.random_flip,
+                      random_crop=config.data.random_crop)
+
+
+def training_pipeline(config: ml_collections.ConfigDict, start_step: int) -> data.Pipeline:
+  """This process's batches from ``start_step`` on, made ahead by config.data.num_workers
+  worker processes (the same batches for any number of workers or processes)."""
+  return data.Pipeline(training_batcher(config), start_step, config.data.num_workers)

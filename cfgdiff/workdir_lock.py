@@ -33,9 +33,10 @@ import threading
 import time
 import uuid
 
+import jax
 from absl import logging
 
-from cfgdiff import files
+from cfgdiff import files, multihost
 
 LOCK_FILE = "train.lock"
 
@@ -264,3 +265,23 @@ def _describe(holder: dict) -> str:
   age = time.time() - float(holder.get("heartbeat", 0))
   return (f"host {holder.get('host')}, pid {holder.get('pid')}{job}, heartbeat {age:.0f} s "
           "ago by its clock")
+
+
+def lock_for_training(workdir: str, lease_seconds: float) -> WorkdirLock | None:
+  """Process 0 takes WORKDIR/train.lock and every process learns whether it got it.
+
+  Raises WorkdirBusyError on every process, before anything is written, when another
+  live job holds the workdir. Returns the lock on process 0, None elsewhere.
+  """
+  lock, message = None, ""
+  if jax.process_index() == 0:
+    lock = WorkdirLock(workdir, lease_seconds)
+    try:
+      lock.acquire()
+    except Exception as e:  # every process must learn it failed, or the others wait
+      lock, message = None, (str(e) if isinstance(e, WorkdirBusyError) else
+                             f"cannot take {workdir}/train.lock ({type(e).__name__}: {e}).")
+  message = multihost.agreed(message)
+  if message:
+    raise WorkdirBusyError(message)
+  return lock

@@ -32,7 +32,8 @@ if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
 # The longest modules first (minutes each), so that `pytest -n 2` does not end on one of
 # them while the other worker idles.
 RUN_FIRST = ("test_rehearsal", "test_train", "test_faults", "test_multiprocess", "test_sweep",
-             "test_tfds", "test_topology", "test_samplers", "test_sampling_cli")
+             "test_tfds", "test_topology", "test_samplers", "test_sampling_cli",
+             "test_readme_commands")
 
 
 def pytest_configure(config):

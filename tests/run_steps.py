@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 
-from cfgdiff import build, train
+from cfgdiff import build, sources, train_step
 from tests import tiny_config
 
 
@@ -35,8 +35,8 @@ def main(data_dir: str, out: str, steps: int, fsdp: int, variant: str) -> None:
   mesh = build.make_mesh((-1, fsdp))
   model, optimizer = build.make_model(config), build.make_optimizer(config.train)
   state = build.create_state(config, model, optimizer, mesh)
-  batcher = train.make_batcher(config)
-  step_fn = train.compile_train_step(config, model, optimizer, mesh, flat_allreduce).lower(
+  batcher = sources.training_batcher(config)
+  step_fn = train_step.compile_train_step(config, model, optimizer, mesh, flat_allreduce).lower(
       state, build.global_batch(batcher.batch(0), mesh)).compile()
   losses, grad_norms = [], []
   for step in range(steps):

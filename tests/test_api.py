@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cfgdiff
-from cfgdiff import checkpoint, sampling
+from cfgdiff import sampling
 from tests.conftest import ROOT
 from tests.test_samplers import MU, STD, gaussian_eps, run
 
@@ -68,7 +68,7 @@ def test_options_are_keywords_and_leave_the_config_as_it_was(example):
 
 
 def test_load_names_what_it_can_load(tmp_path):
-  with pytest.raises(checkpoint.CheckpointError, match=r"neither a workdir .* nor a shipped "
+  with pytest.raises(cfgdiff.ModelNotFoundError, match=r"neither a workdir .* nor a shipped "
                      r"model \(\['fashion_mnist'\]\)"):
     cfgdiff.load(str(tmp_path / "nothing"))
 

@@ -118,7 +118,7 @@ def _with_config(workdir, tmp_path, folder_name, **data_changes):
 
 def test_bad_guidance_input_is_one_line(denoiser_workdir, classifier_workdir, synthetic_data,
                                         tmp_path):
-  from cfgdiff import configs, sampling
+  from cfgdiff import configs, guide_networks
   from tests import tiny_config
   config = tiny_config.get_config()
   config.data.path = synthetic_data
@@ -126,7 +126,7 @@ def test_bad_guidance_input_is_one_line(denoiser_workdir, classifier_workdir, sy
   def refusal(**sample):
     config.sample.update(sample)
     with pytest.raises(configs.ConfigError) as e:
-      sampling.resolve_guide_helper(config, denoiser_workdir, None, 12)
+      guide_networks.resolve_guide_helper(config, denoiser_workdir, None, 12)
     config.sample.update(configs.default_config().sample)
     return str(e.value)
 

@@ -21,7 +21,7 @@ import pytest
 
 from cfgdiff import multihost, sources, tfds_source
 from cfgdiff.evaluation import evaluator as ev
-from cfgdiff.evaluation import metrics
+from cfgdiff.evaluation import metrics, references
 
 DIM, CLASSES = 6, 5
 
@@ -173,13 +173,13 @@ def test_the_same_index_twice_is_refused():
 
 def test_class_balanced_pick_takes_classes_in_turn_without_repeats():
   labels = np.random.default_rng(0).integers(0, 3, 100)
-  pick = ev.class_balanced_pick(labels, 30, 3, seed=1)
+  pick = references.class_balanced_pick(labels, 30, 3, seed=1)
   np.testing.assert_array_equal(labels[pick], np.arange(30) % 3)
   assert len(set(pick.tolist())) == 30
-  np.testing.assert_array_equal(pick, ev.class_balanced_pick(labels, 30, 3, seed=1))
+  np.testing.assert_array_equal(pick, references.class_balanced_pick(labels, 30, 3, seed=1))
   # No more than the scarcest class allows, still balanced.
   scarcest = np.bincount(labels).min()
-  pick = ev.class_balanced_pick(labels, 1000, 3, seed=1)
+  pick = references.class_balanced_pick(labels, 1000, 3, seed=1)
   assert len(pick) == 3 * scarcest and np.all(np.bincount(labels[pick]) == scarcest)
 
 
@@ -214,12 +214,13 @@ def _imagenet_config(data_dir: str, cache_dir: str):
 def test_reference_statistics_are_computed_once_then_read(imagenet64, tmp_path, monkeypatch):
   features = FakeFeatures(64 * 64 * 3)
   digest = {"sha": "ab" * 32}
-  monkeypatch.setattr(ev, "_inception_features",
+  monkeypatch.setattr(references, "_inception_features",
                       lambda sweep, weights_dir: (features, digest["sha"], DIM))
   config = _imagenet_config(imagenet64, str(tmp_path / "cache"))
-  first = ev.make_evaluator(config, config, str(tmp_path / "sweep"))
+  first = references.make_evaluator(config, config, str(tmp_path / "sweep"))
   assert features.images == 24 + 12  # the whole training split, then the floor
-  name = ev.reference_cache_name("imagenet_resized/64x64", "train", 64, 24, digest["sha"], 10)
+  name = references.reference_cache_name("imagenet_resized/64x64", "train", 64, 24,
+                                         digest["sha"], 10)
   assert os.listdir(tmp_path / "cache") == [name]
   # The reference is the whole split; precision/recall use a fixed random subset of it.
   train = tfds_source.TfdsSource("imagenet_resized/64x64", "train", imagenet64, 64)
@@ -240,7 +241,7 @@ def test_reference_statistics_are_computed_once_then_read(imagenet64, tmp_path, 
   assert first.floor == pytest.approx(first.evaluate(*validation.read(pick)).values, nan_ok=True)
   assert np.isfinite(first.floor["is_mean"]) and 0 <= first.floor["accuracy"] <= 1
 
-  again = ev.make_evaluator(config, config, str(tmp_path / "sweep"))
+  again = references.make_evaluator(config, config, str(tmp_path / "sweep"))
   assert features.images == 24 + 12 + 12 + 12  # floor only (and the evaluate above)
   np.testing.assert_array_equal(again.reference_stats.outer, first.reference_stats.outer)
   np.testing.assert_array_equal(again.reference_features, first.reference_features)
@@ -249,7 +250,7 @@ def test_reference_statistics_are_computed_once_then_read(imagenet64, tmp_path, 
   assert again.floor == first.floor
   # Other weights: other statistics, computed afresh beside the first.
   digest["sha"] = "cd" * 32
-  ev.make_evaluator(config, config, str(tmp_path / "sweep"))
+  references.make_evaluator(config, config, str(tmp_path / "sweep"))
   assert features.images == 60 + 24 + 12 and len(os.listdir(tmp_path / "cache")) == 2
 
 
@@ -257,9 +258,9 @@ def test_a_stale_cache_file_is_recomputed(tmp_path):
   features = FakeFeatures(4 * 4 * 3)
   source = sources.ArraySource(*_images(20, seed=5))
   path = str(tmp_path / "reference.npz")
-  stats, _ = ev.reference_statistics(source, features, np.arange(5), DIM, path)
+  stats, _ = references.reference_statistics(source, features, np.arange(5), DIM, path)
   # The same file asked for another subset (a key collision): not trusted.
-  _, pr_features = ev.reference_statistics(source, features, np.arange(2, 9), DIM, path)
+  _, pr_features = references.reference_statistics(source, features, np.arange(2, 9), DIM, path)
   assert features.images == 40 and pr_features.shape == (7, DIM)
   assert stats.count == 20
 
@@ -278,11 +279,12 @@ def _worker(coordinator: str, processes: int, process: int, cache_dir: str, out:
   features = FakeFeatures(4 * 4 * 3)
   pr_indices = np.sort(np.random.default_rng(0).permutation(40)[:12])
   own_cache = os.path.join(cache_dir, f"process_{process}", "reference.npz")
-  stats, reference = ev.reference_statistics(sources.ArraySource(real, real_labels), features,
-                                             pr_indices, DIM, own_cache)
+  real_source = sources.ArraySource(real, real_labels)
+  stats, reference = references.reference_statistics(real_source, features, pr_indices, DIM,
+                                                     own_cache)
   computed = features.images
-  stats2, reference2 = ev.reference_statistics(sources.ArraySource(real, real_labels), features,
-                                               pr_indices, DIM, own_cache)
+  stats2, reference2 = references.reference_statistics(real_source, features, pr_indices,
+                                                       DIM, own_cache)
   from_cache = features.images - computed
   evaluator = ev.Evaluator(features, stats, reference, pr_k=3, pr_max_points=12, bootstrap=20)
   images, labels = _images(30, seed=2)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import common
-from cfgdiff import configs, memory_plan, train
+from cfgdiff import configs, memory_plan, train_step
 from tests.conftest import TINY_CONFIG, run_cli
 
 
@@ -32,7 +32,7 @@ def _xla_step_bytes(compiled) -> int:
 
 def _compile(config, scan_microbatches=None):
   mesh, model, optimizer, state, images = common.train_setup(config)  # this process: 1 device
-  step = train.compile_train_step(config, model.clone(kernel_grad_taps=False), optimizer,
+  step = train_step.compile_train_step(config, model.clone(kernel_grad_taps=False), optimizer,
                                   mesh, scan_microbatches=scan_microbatches)
   return step.lower(state, images).compile(), state, images
 

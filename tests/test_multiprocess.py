@@ -26,7 +26,7 @@ SAMPLE_ARGS = ["--mode=sample", "--config.sample.num_steps=4", "--config.sample.
 def workdirs(synthetic_data, tmp_path_factory):
   """(single-process workdir, two-process workdir), each trained 6 steps then sampled."""
   # No dropout: both runs take the step that averages the gradients as one flat vector
-  # (train.flat_allreduce_applies), the one that runs on CPU hosts without dropout.
+  # (train_step.flat_allreduce_applies), the one that runs on CPU hosts without dropout.
   # The SPMD step across processes is the rehearsals' (ImageNet-64, dropout 0.1).
   common = [f"--config={TINY_CONFIG}", f"--config.data.path={synthetic_data}",
             "--config.model.dropout=0.0", *SMALLEST_UNET]

@@ -44,12 +44,12 @@ def test_a_corrupt_or_missing_parameter_file_is_refused_with_the_fix(tmp_path):
   blob = bytearray(path.read_bytes())
   blob[len(blob) // 2] ^= 1
   path.write_bytes(bytes(blob))
-  with pytest.raises(checkpoint.CheckpointError, match="corrupt.*git checkout"):
+  with pytest.raises(reference.ShippedModelError, match="corrupt.*git checkout"):
     reference.load(NAME, root=tmp_path)
   path.unlink()
-  with pytest.raises(checkpoint.CheckpointError, match="missing or corrupt"):
+  with pytest.raises(reference.ShippedModelError, match="missing or corrupt"):
     reference.load(NAME, root=tmp_path)
-  with pytest.raises(checkpoint.CheckpointError, match="no reference model 'imagenet64'"):
+  with pytest.raises(reference.ShippedModelError, match="no reference model 'imagenet64'"):
     reference.load("imagenet64", root=tmp_path)
 
 
@@ -59,7 +59,7 @@ def test_parameters_of_another_network_are_refused(tmp_path):
   manifest = json.loads(manifest_path.read_text())
   manifest["config"]["model"]["ch"] = 16  # the manifest no longer describes the file
   manifest_path.write_text(json.dumps(manifest))
-  with pytest.raises(checkpoint.CheckpointError, match="does not match the network"):
+  with pytest.raises(reference.ShippedModelError, match="does not match the network"):
     reference.load(NAME, root=tmp_path)
 
 
@@ -68,12 +68,12 @@ def test_unpacked_reference_is_a_run_with_the_shipped_ema_parameters(shipped, tm
   whose EMA parameters are the shipped ones, bit for bit."""
   import numpy as np
 
-  from cfgdiff import configs, sampling
+  from cfgdiff import configs
   workdir = reference.unpack("fashion_mnist", str(tmp_path / "shipped"))
   assert checkpoint.saved_steps(workdir) == [shipped.step]
   config = configs.from_json(str(tmp_path / "shipped" / "config.json"))
   assert config.model.to_dict() == shipped.config.model.to_dict()
-  params, step = sampling.load_ema_params(config, workdir, build.make_mesh())
+  params, step = checkpoint.load_ema_params(config, workdir, build.make_mesh())
   assert step == shipped.step
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params,
                shipped.params)

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cfgdiff import checkpoint, configs, sources
+from cfgdiff import configs, reference, sources
 from cfgdiff.evaluation import classifier
 
 DATA = configs.default_config().data.path
@@ -66,10 +66,10 @@ def test_a_corrupt_shipped_classifier_is_refused_with_the_fix(manifest, train_sp
   path.write_bytes(bytes(blob))
   digest = classifier.data_digest(*train_split)
   fix = "corrupt.*git checkout.*shipped_classifier=False"
-  with pytest.raises(checkpoint.CheckpointError, match=fix):
+  with pytest.raises(reference.ShippedModelError, match=fix):
     classifier.load_shipped(digest, 10, manifest["epochs"], (28, 28, 1), tmp_path / "weights")
   path.unlink()
-  with pytest.raises(checkpoint.CheckpointError, match="missing or corrupt"):
+  with pytest.raises(reference.ShippedModelError, match="missing or corrupt"):
     classifier.load_shipped(digest, 10, manifest["epochs"], (28, 28, 1), tmp_path / "weights")
 
 

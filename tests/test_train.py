@@ -14,7 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cfgdiff import allocator, build, checkpoint, configs, train
+from cfgdiff import (
+    allocator,
+    build,
+    checkpoint,
+    configs,
+    kernel_choice,
+    sources,
+    train_step,
+)
 from tests.conftest import ROOT, TINY_CONFIG, run_cli, xla_flags
 
 
@@ -27,14 +35,14 @@ def compiled(synthetic_data):
   config.train.ema_decay = 0.99
   mesh = build.make_mesh()
   model, optimizer = build.make_model(config), build.make_optimizer(config.train)
-  step_fn = train.compile_train_step(config, model, optimizer, mesh)
+  step_fn = train_step.compile_train_step(config, model, optimizer, mesh)
   return config, mesh, model, optimizer, step_fn
 
 
 def _train(config, mesh, model, optimizer, step_fn, steps: int):
   """(final state, per-step losses) of ``steps`` steps from a fresh state."""
   state = build.create_state(config, model, optimizer, mesh)
-  batcher = train.make_batcher(config)
+  batcher = sources.training_batcher(config)
   losses = []
   for step in range(steps):
     state, metrics = step_fn(state, build.global_batch(batcher.batch(step), mesh))
@@ -153,16 +161,16 @@ def test_flat_gradient_allreduce_is_chosen_only_where_it_is_exact():
   devices = np.array([jax.devices()[0]] * 2)  # a 2-device mesh: only its shape is read
   two = jax.sharding.Mesh(devices.reshape(2, 1), build.MESH_AXES)
   split = jax.sharding.Mesh(devices.reshape(1, 2), build.MESH_AXES)
-  make = lambda mesh: train.make_train_step(config, build.make_model(config),
+  make = lambda mesh: train_step.make_train_step(config, build.make_model(config),
                                             build.make_optimizer(config.train), mesh,
                                             flat_allreduce=True)
-  assert not train.flat_allreduce_applies(config, two)  # the tiny config has dropout
+  assert not train_step.flat_allreduce_applies(config, two)  # the tiny config has dropout
   with pytest.raises(ValueError, match="dropout=0"):
     make(two)
   config.model.dropout = 0.0
-  assert train.flat_allreduce_applies(config, two)
-  assert not train.flat_allreduce_applies(config, split)
-  assert not train.flat_allreduce_applies(config, build.make_mesh(devices=jax.devices()[:1]))
+  assert train_step.flat_allreduce_applies(config, two)
+  assert not train_step.flat_allreduce_applies(config, split)
+  assert not train_step.flat_allreduce_applies(config, build.make_mesh(devices=jax.devices()[:1]))
   with pytest.raises(ValueError, match="fsdp=1"):
     make(split)
 
@@ -330,7 +338,7 @@ def test_kernel_gradient_is_timed_once_per_workdir(synthetic_data, tmp_path, mon
   mesh = build.make_mesh()
   model, optimizer = build.make_model(config), build.make_optimizer(config.train)
   state = build.create_state(config, model, optimizer, mesh)
-  real_compile = train.compile_train_step
+  real_compile = train_step.compile_train_step
   compiled_with, executables = [], {}  # kernel_grad_taps of every step built; AOT-compiled
 
   class Recorder:
@@ -345,12 +353,12 @@ def test_kernel_gradient_is_timed_once_per_workdir(synthetic_data, tmp_path, mon
   def spy(config, model, optimizer, mesh):
     compiled_with.append(model.kernel_grad_taps)
     return Recorder(real_compile(config, model, optimizer, mesh), model.kernel_grad_taps)
-  monkeypatch.setattr(train, "compile_train_step", spy)
+  monkeypatch.setattr(train_step, "compile_train_step", spy)
   saved_path = tmp_path / "kernel_gradient.json"
 
   def choose(state=state):
     compiled_with.clear()
-    return train.compile_train_step_for_backend(config, model, optimizer, mesh, state,
+    return kernel_choice.compile_train_step(config, model, optimizer, mesh, state,
                                                 str(tmp_path))
 
   step_fn = choose()
@@ -359,12 +367,12 @@ def test_kernel_gradient_is_timed_once_per_workdir(synthetic_data, tmp_path, mon
   seconds = saved["seconds_per_step"]
   assert set(seconds) == {"taps", "xla"} and 0 < min(seconds.values()) < max(seconds.values())
   assert saved["kernel_gradient"] == min(seconds, key=seconds.get)
-  assert train.saved_kernel_gradient(str(tmp_path)) == saved["kernel_gradient"]
+  assert kernel_choice.saved_kernel_gradient(str(tmp_path)) == saved["kernel_gradient"]
   assert step_fn is executables[saved["kernel_gradient"] == "taps"]  # the faster one runs
   # The two executables differ: the taps turn kernel-gradient convolutions into products.
   assert (executables[True].as_text().count(" convolution(")
           < executables[False].as_text().count(" convolution("))
-  batch = build.global_batch(train.make_batcher(config).batch(0), mesh)
+  batch = build.global_batch(sources.training_batcher(config).batch(0), mesh)
   new_state, metrics = step_fn(jax.tree.map(jnp.copy, state), batch)
   assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
@@ -375,8 +383,8 @@ def test_kernel_gradient_is_timed_once_per_workdir(synthetic_data, tmp_path, mon
     assert json.loads(saved_path.read_text())["seconds_per_step"] == seconds
   for unreadable in ("{not json", '{"kernel_gradient": "fast"}', "[]"):  # timed again
     saved_path.write_text(unreadable)
-    assert train._saved_kernel_gradient(saved_path) == "auto"
-    assert train.saved_kernel_gradient(str(tmp_path)) == "auto"
+    assert kernel_choice._saved_kernel_gradient(saved_path) == "auto"
+    assert kernel_choice.saved_kernel_gradient(str(tmp_path)) == "auto"
   saved_path.unlink()  # a checkpoint from before the file existed: the taps it used
   choose(state.replace(step=state.step + 3))
   assert compiled_with == [True]
@@ -403,7 +411,7 @@ def test_bfloat16_compute_trains_with_float32_parameters(synthetic_data):
                                                    jnp.zeros(2), jnp.zeros(2, jnp.int32)))(
                                                        params))
   assert "conv_general_dilated" in jaxpr and "bf16[2,8,8,8]" in jaxpr
-  step_fn = train.compile_train_step(config, model, optimizer, mesh)
+  step_fn = train_step.compile_train_step(config, model, optimizer, mesh)
   state, losses = _train(config, mesh, model, optimizer, step_fn, 150)
   assert np.all(np.isfinite(losses)) and int(state.num_skipped) == 0
   assert np.mean(losses[-30:]) < 0.6 * np.mean(losses[:20]), (losses[:20], losses[-30:])

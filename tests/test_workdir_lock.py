@@ -185,15 +185,15 @@ def test_the_heartbeat_survives_a_disk_that_refuses_writes(tmp_path, monkeypatch
 
 
 def test_an_unreadable_lock_is_never_taken_as_absent(tmp_path, tiny_config):
-  from cfgdiff import train
   (tmp_path / "run" / "train.lock").mkdir(parents=True)  # cannot be read as a file
   with pytest.raises(workdir_lock.WorkdirBusyError, match="cannot take .*IsADirectoryError"):
-    train.lock_workdir(tiny_config, str(tmp_path / "run"))
+    workdir_lock.lock_for_training(str(tmp_path / "run"),
+                                   tiny_config.runtime.workdir_lease_seconds)
   assert (tmp_path / "run" / "train.lock").is_dir()
 
 
 def test_a_lock_that_cannot_be_written_is_one_error_on_every_process(tmp_path, tiny_config):
-  from cfgdiff import train
   (tmp_path / "a_file").write_text("")
   with pytest.raises(workdir_lock.WorkdirBusyError, match="cannot take"):
-    train.lock_workdir(tiny_config, str(tmp_path / "a_file" / "run"))
+    workdir_lock.lock_for_training(str(tmp_path / "a_file" / "run"),
+                                   tiny_config.runtime.workdir_lease_seconds)

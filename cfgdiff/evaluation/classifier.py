@@ -31,8 +31,9 @@ from absl import logging
 from flax import linen as nn
 from flax import serialization
 
-from cfgdiff import checkpoint, configs, data, files, sources
+from cfgdiff import configs, data, files, sources
 from cfgdiff.evaluation import batching
+from cfgdiff.reference import ShippedModelError
 
 FEATURE_DIM = 128
 SHIPPED_DIR = pathlib.Path(__file__).parents[1] / "reference_models" / "fashion_mnist"
@@ -143,7 +144,7 @@ def load_shipped(train_digest: str, num_classes: int, epochs: int,
                  ) -> tuple[dict, dict] | None:
   """(variables, manifest) of the shipped classifier when it was trained on data hashing
   to ``train_digest`` with these classes and epochs; None when it was not (or none ships).
-  Raises CheckpointError when its file does not match the manifest's SHA-256."""
+  Raises ShippedModelError when its file does not match the manifest's SHA-256."""
   manifest_file, params_file = folder / SHIPPED_MANIFEST, folder / SHIPPED_PARAMS
   if not manifest_file.exists():
     return None
@@ -154,7 +155,7 @@ def load_shipped(train_digest: str, num_classes: int, epochs: int,
   blob = params_file.read_bytes() if params_file.exists() else b""
   digest = hashlib.sha256(blob).hexdigest()
   if digest != manifest["sha256"]:
-    raise checkpoint.CheckpointError(
+    raise ShippedModelError(
         f"{params_file} is missing or corrupt: its SHA-256 is {digest}, {manifest_file} "
         f"records {manifest['sha256']}. Restore it with `git checkout -- {params_file}` in a "
         "clone (or reinstall cfgdiff), or train one with "

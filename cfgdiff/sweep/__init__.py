@@ -13,6 +13,6 @@ training job).
 `orchestrate` runs it, `store` keeps the rows and their files, `report` renders them.
 """
 
-from cfgdiff.sweep.orchestrate import run
+from cfgdiff.sweep.orchestrate import SweepError, run
 
-__all__ = ["run"]
+__all__ = ["SweepError", "run"]

@@ -19,6 +19,7 @@ from cfgdiff import (
   checkpoint,
   configs,
   files,
+  guide_networks,
   multihost,
   preemption,
   sampling,
@@ -27,6 +28,7 @@ from cfgdiff import (
   workdir_lock,
 )
 from cfgdiff.evaluation import evaluator as evaluator_lib
+from cfgdiff.evaluation import references
 from cfgdiff.progress import Progress
 from cfgdiff.sweep import report, store
 
@@ -38,6 +40,10 @@ GRID_PER_CLASS = 8
 
 GRID_CLASSES = 10  # the sample grid shows the first classes only (ImageNet has 1000)
 
+
+
+class SweepError(RuntimeError):
+  """Nothing under the workdir can be evaluated, or the runs it waits for have stopped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +149,7 @@ def method_settings(run: Run, step: int | None,
   for method in config.sweep.methods:
     if method == "auto" and not sc.weak_workdir and step is not None and step <= sc.weak_step:
       continue
-    helper = sampling.resolve_guide_helper(run_config(run, config), run.path, method, step)
+    helper = guide_networks.resolve_guide_helper(run_config(run, config), run.path, method, step)
     found[method] = store.settings(config, method, helper.describe() if helper else "")
   return found
 
@@ -218,7 +224,7 @@ def _floor(config: ml_collections.ConfigDict, runs: list[Run], out_dir,
   saved = multihost.agreed(json.loads(path.read_text()) if path.exists() else {})
   if evaluator is None and key in saved:
     return saved[key]
-  evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
+  evaluator = evaluator or references.make_evaluator(config, runs[0].config, out_dir)
   floor = {k: v if isinstance(v, str) else float(v) for k, v in evaluator.floor.items()}
   if jax.process_index() == 0:
     files.write_atomic(path, json.dumps(saved | {key: floor}, indent=2))
@@ -290,7 +296,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   With sweep.poll_seconds > 0 it keeps polling until every run's final step
   (train.num_steps) is evaluated: an evaluation job beside live training jobs. A run
   whose training diverged (WORKDIR/diverged.json) is not evaluated; a run whose training
-  stopped unfinished (`_Liveness`) ends the polling with a CheckpointError naming it,
+  stopped unfinished (`_Liveness`) ends the polling with a SweepError naming it,
   after the table is written. A SIGTERM stops it between chunks of samples
   (preemption.Preempted).
   """
@@ -308,7 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   while True:
     runs = find_runs(workdir)
     if not runs and not sw.poll_seconds:
-      raise checkpoint.CheckpointError(
+      raise SweepError(
           f"no training run under {workdir}: a run is a directory with checkpoints/ and "
           "config.json, written by --mode=train.")
     rows = multihost.agreed(store.read_results(results_csv))
@@ -335,7 +341,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
       sampler = samplers[r.name] = restore_newest(r, config, samplers.get(r.name))
       todo = missing_cells(r, sampler.step, done, config)
       finished &= sampler.step == r.config.train.num_steps
-      evaluator = evaluator or evaluator_lib.make_evaluator(config, runs[0].config, out_dir)
+      evaluator = evaluator or references.make_evaluator(config, runs[0].config, out_dir)
       progress = Progress("Sweep", len(todo) * sw.num_samples)
       logging.info("Sweep: %s step %d: %d cells to evaluate (%d already done), %d samples "
                    "each.", r.name, sampler.step, len(todo), len(rows), sw.num_samples)
@@ -357,7 +363,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   if evaluator is None and not rows and stopped:
     why_stopped = {name: "its training diverged (see its diverged.json)" if why == "diverged"
                    else why for name, why in stopped.items()}
-    raise checkpoint.CheckpointError(
+    raise SweepError(
         f"nothing to evaluate under {workdir}: " + "; ".join(
             f"{name}: {why}" for name, why in why_stopped.items())
         + ". Resume or retrain those runs first.")
@@ -379,7 +385,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     print(table)
   unfinished = {name: why for name, why in stopped.items() if why != "diverged"}
   if unfinished:
-    raise checkpoint.CheckpointError(
+    raise SweepError(
         "the sweep stopped polling: " + "; ".join(
             f"{name}: {why} (no new checkpoint and no lock heartbeat for "
             f"{sw.dead_run_seconds:.0f} s)" for name, why in unfinished.items())
