@@ -173,8 +173,8 @@ class WorkdirLock:
         raise self._busy(holder)
       else:
         live = self._watch(holder, poll_seconds)
-        if live is not None:
-          raise self._busy(live)
+        if live is not None:  # a half-written lock proves life; the whole one names the job
+          raise self._busy(holder if "unparsed" in live else live)
         logging.warning("Taking over %s: it did not change for %.0f s.", self.path,
                         self.lease_seconds)
     self._write()

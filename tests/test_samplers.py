@@ -223,13 +223,15 @@ def test_unknown_sampler_is_refused():
 
 
 def test_registry_is_what_configs_and_sample_run(monkeypatch):
-  """A method added to the registry is accepted by the configs and its step function is
-  the one `sample` runs: no name is handled outside the registry."""
+  """A method added to the registry (and named in configs.SAMPLERS) is accepted by the
+  configs, and its step function is the one `sample` runs: no name is handled elsewhere."""
   def hold_step(state, noise, v):
     del noise, v
     return state.z  # never moves: the output is x~ predicted from the initial noise
 
   monkeypatch.setitem(samplers.METHODS, "hold", samplers.Method(hold_step))
+  # The configs know the names without importing JAX; samplers checks both agree at import.
+  monkeypatch.setattr(configs, "SAMPLERS", (*configs.SAMPLERS, "hold"))
   config = configs.default_config()
   config.sweep.sampler = "hold"
   configs.validate_sweep(config.sweep)
@@ -241,6 +243,10 @@ def test_registry_is_what_configs_and_sample_run(monkeypatch):
   expected = schedule.predict_x_from_eps(z0, gaussian_eps(z0, l_last, labels), l_last)
   np.testing.assert_allclose(x, np.asarray(expected).reshape(8, -1), rtol=1e-5, atol=1e-6)
   assert nfe == samplers.network_evaluations("hold", 5)
+
+
+def test_configs_name_exactly_the_registered_samplers():
+  assert configs.SAMPLERS == tuple(samplers.METHODS) == samplers.names()
 
 
 @pytest.mark.parametrize("name", list(samplers.METHODS))

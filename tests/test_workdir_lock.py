@@ -79,6 +79,17 @@ def test_heartbeat_rewrites_the_lock_within_a_lease(tmp_path):
   lock.release()
 
 
+def test_a_lock_caught_half_written_is_a_live_job_named_by_its_whole_content(tmp_path):
+  _write_holder(tmp_path)
+  timer = threading.Timer(0.3, lambda: (tmp_path / "train.lock").write_text(""))
+  timer.start()  # mid-write by a non-atomic store: the job is alive
+  try:
+    with pytest.raises(workdir_lock.WorkdirBusyError, match="host elsewhere"):
+      workdir_lock.WorkdirLock(str(tmp_path), lease_seconds=2).acquire(poll_seconds=0.05)
+  finally:
+    timer.join()
+
+
 @pytest.mark.parametrize("skew_seconds", [-1e6, 0.0])
 def test_a_live_job_elsewhere_is_refused_however_its_clock_is_skewed(tmp_path, skew_seconds):
   # Its heartbeat looks 11 days old by our clock (or current): the lock keeps changing,
