@@ -151,7 +151,7 @@ def render(records: list[dict]) -> str:
         shown_title = entry["title"]
       lines += [f"{entry['date']}, `{entry['command']}`, {machine(entry)}.", ""]
       lines += common.markdown_table(entry["header"], entry["rows"]) + [""]
-      lines += [note for note in entry["notes"]] + ([""] if entry["notes"] else [])
+      lines += entry["notes"] + ([""] if entry["notes"] else [])
   return "\n".join(lines).rstrip("\n") + "\n"
 
 

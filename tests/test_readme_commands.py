@@ -52,8 +52,7 @@ def readme_commands() -> list[str]:
   commands = []
   for block in re.findall(r"```bash\n(.*?)```", text, re.S):
     for line in block.replace("\\\n", " ").splitlines():
-      command = line.split("#")[0].strip() if not line.lstrip().startswith(".venv/bin/python -c")\
-          else line.strip()
+      command = re.sub(r"(^|\s)#.*", "", line).strip()  # a comment starts a word
       if command:
         commands.append(re.sub(r"\s+", " ", command))
   commands += re.findall(r"`(python -m [\w.]+)[^`]*`", text)
